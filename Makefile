@@ -1,0 +1,48 @@
+# One entry point for users and CI. Every target installs what it needs first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: install run demo test test-fast proto bench bench-quick models models-eval clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# The pinned CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+run: install        ## start the gRPC service on the embedded default pair (Ctrl-C stops it)
+	$(BIN)/speccascade serve
+
+demo: install       ## in-process generation on the default pair, all four modes
+	for mode in target draft speculative cascade; do \
+	  $(BIN)/speccascade generate "def fibonacci(n):" --mode $$mode --max-new-tokens 48 || exit 1; done
+
+test: install       ## the whole suite, as CI runs it
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install  ## everything but the Ray Serve end-to-end tests
+	$(BIN)/python -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+
+proto: install      ## regenerate services/speccascade/v1 from proto/ (also done by every install)
+	$(BIN)/python services/speccascade/protogen.py
+
+bench: install      ## full benchmark: BENCHMARKS.md, JSON and plots
+	$(BIN)/speccascade bench
+
+bench-quick: install
+	$(BIN)/speccascade bench --quick
+
+models: install     ## rebuild the embedded default pair (about an hour on 2 cores)
+	$(BIN)/speccascade models build
+
+models-eval: install
+	$(BIN)/speccascade models eval --out services/speccascade/assets/default_pair/card.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

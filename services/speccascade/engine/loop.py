@@ -1,0 +1,197 @@
+"""The generation loop, shared by the in-process engine and the distributed router.
+
+One request, one coroutine. Each round commits ≥ 1 token. The modes differ only in how a round
+proposes and checks tokens (`ROUNDS`); the loop around them — committing, stop conditions, text
+deltas, stats, releasing KV entries — is the same.
+
+Pipelining (speculative and cascade modes): while the verifier scores block k, the drafter already
+drafts block k+1 from committed + block k, its first token being the draft's guess of the bonus
+token. If block k is fully accepted and the guess equals the bonus, block k+1 is used as is;
+otherwise it is discarded (the drafter's cache is rolled back by the next call's reconciliation).
+Because draft sampling is seeded by absolute position, a reused block is exactly the block a fresh
+draft would produce: pipelining changes speed, never output.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
+
+from speccascade.engine.seam import (DraftRequest, DraftResult, Drafter, RequestStats,
+                                     Verifier, VerifyRequest)
+from speccascade.engine.transcript import Transcript
+from speccascade.sampling import CascadeParams, SamplingParams
+
+
+class Mode(enum.IntEnum):
+    TARGET = 1       # autoregressive target model (the quality reference)
+    DRAFT = 2        # autoregressive draft model (the speed reference)
+    SPECULATIVE = 3  # lossless speculative decoding
+    CASCADE = 4      # speculative cascade: verify against π from a deferral rule and α
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    mode: Mode = Mode.SPECULATIVE
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    num_draft_tokens: int = 4                 # γ
+    cascade: CascadeParams | None = None      # required for CASCADE
+    stop: tuple[str, ...] = ()
+    eos_token_ids: frozenset[int] = frozenset()
+    pipelined: bool = True
+    draft_stop_below: float = 0.0             # stop a draft block early when the draft is unsure
+    max_seq_len: int = 1 << 30                # model context; blocks never run past it
+
+
+@dataclass
+class Delta:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None   # "eos" | "length" | "stop" | None while running
+    stats: RequestStats
+
+
+@dataclass
+class _Speculation:
+    """Block k+1, drafted while block k is being verified."""
+    base: list[int]                  # committed + block k: what the speculation assumed
+    task: asyncio.Task               # -> DraftResult: [bonus guess, next block...]
+
+
+@dataclass
+class _State:
+    request: GenerationRequest
+    drafter: Drafter
+    verifier: Verifier
+    transcript: Transcript
+    committed: list[int]
+    stats: RequestStats = field(default_factory=RequestStats)
+    speculation: _Speculation | None = None
+
+    def gamma(self) -> int:
+        """γ for this round: never draft past max_new_tokens or the model context."""
+        room = self.request.max_seq_len - len(self.committed) - 1
+        return max(0, min(self.request.num_draft_tokens, self.transcript.remaining - 1, room))
+
+    def draft_request(self, tokens: list[int], gamma: int) -> DraftRequest:
+        r = self.request
+        return DraftRequest(seq_id=r.request_id, tokens=tokens, num_draft_tokens=gamma,
+                            sampling=r.sampling, position=len(tokens),
+                            want_logits=not r.sampling.greedy or r.cascade is not None,
+                            stop_below=r.draft_stop_below)
+
+
+async def _target_round(state: _State) -> list[int]:
+    r = state.request
+    result = await state.verifier.verify(VerifyRequest(r.request_id, state.committed, [], r.sampling))
+    state.stats.verify_ms += result.verify_ms
+    state.stats.replicas.add(f"verifier:{result.replica}")
+    return result.emitted
+
+
+async def _draft_round(state: _State) -> list[int]:
+    gamma = max(1, min(state.request.num_draft_tokens, state.transcript.remaining))
+    block = await state.drafter.draft(state.draft_request(state.committed, gamma))
+    state.stats.draft_ms += block.draft_ms
+    state.stats.replicas.add(f"drafter:{block.replica}")
+    return block.tokens
+
+
+async def _take_block(state: _State, gamma: int) -> DraftResult:
+    """Block k: the speculated one when its assumption held, else a fresh draft."""
+    spec, state.speculation = state.speculation, None
+    if spec is not None:
+        guess = await spec.task  # always awaited: one call per sequence in flight on the drafter
+        if spec.base + guess.tokens[:1] == state.committed and len(guess.tokens) > 1:
+            state.stats.hidden_draft_ms += guess.draft_ms
+            state.stats.draft_ms += guess.draft_ms
+            return DraftResult(guess.seq_id, guess.tokens[1: gamma + 1],
+                               None if guess.logits is None else guess.logits[1: gamma + 1],
+                               guess.draft_ms, guess.replica)
+        state.stats.draft_ms += guess.draft_ms  # wasted work, still paid for
+    block = await state.drafter.draft(state.draft_request(state.committed, gamma))
+    state.stats.draft_ms += block.draft_ms
+    return block
+
+
+async def _speculative_round(state: _State) -> list[int]:
+    r, gamma = state.request, state.gamma()
+    if gamma == 0:
+        return await _target_round(state)
+    # 1. Draft block k (or reuse the block drafted during the previous verification).
+    block = await _take_block(state, gamma)
+    state.stats.replicas.add(f"drafter:{block.replica}")
+    # 2. Verify it; meanwhile draft block k+1 assuming block k is accepted.
+    verifying = asyncio.ensure_future(state.verifier.verify(VerifyRequest(
+        r.request_id, state.committed, block.tokens, r.sampling, block.logits, r.cascade)))
+    if r.pipelined and state.transcript.remaining > len(block.tokens) + 1:
+        base = state.committed + block.tokens
+        state.speculation = _Speculation(base, asyncio.ensure_future(
+            state.drafter.draft(state.draft_request(base, gamma + 1))))
+    result = await verifying
+    # 3. Account.
+    state.stats.drafted += len(block.tokens)
+    state.stats.accepted += result.num_accepted
+    state.stats.deferrals += result.deferred
+    state.stats.verify_ms += result.verify_ms
+    state.stats.replicas.add(f"verifier:{result.replica}")
+    return result.emitted
+
+
+ROUNDS: dict[Mode, Callable[[_State], Awaitable[list[int]]]] = {
+    Mode.TARGET: _target_round,
+    Mode.DRAFT: _draft_round,
+    Mode.SPECULATIVE: _speculative_round,
+    Mode.CASCADE: _speculative_round,  # same loop; VerifyRequest.cascade selects π
+}
+
+
+async def generate(request: GenerationRequest, drafter: Drafter, verifier: Verifier,
+                   tokenizer) -> AsyncIterator[Delta]:
+    """Yield one Delta per round; the last one has finish_reason set and the final stats."""
+    started = time.perf_counter()
+    transcript = Transcript(tokenizer, request.max_new_tokens, request.stop, request.eos_token_ids)
+    state = _State(request, drafter, verifier, transcript, list(request.prompt_ids))
+    round_fn = ROUNDS[request.mode]
+    try:
+        while transcript.finish_reason is None:
+            emitted = await round_fn(state)
+            state.stats.rounds += 1
+            state.committed.extend(emitted)
+            new_ids, text = transcript.commit(emitted)
+            now_ms = (time.perf_counter() - started) * 1000
+            if not state.stats.ttft_ms:
+                state.stats.ttft_ms = now_ms
+            state.stats.total_ms = now_ms
+            yield Delta(new_ids, text, transcript.finish_reason, state.stats)
+    finally:
+        await _release(state)
+
+
+async def _release(state: _State) -> None:
+    """Free this request's KV entries on both sides, whatever ended the request."""
+    seq_id = state.request.request_id
+    if state.speculation is not None:  # let the drafter finish first, or it would re-create the entry
+        with contextlib.suppress(BaseException):
+            await state.speculation.task
+    for side in (state.drafter, state.verifier):
+        with contextlib.suppress(Exception):
+            await asyncio.shield(side.release(seq_id))
+
+
+async def generate_all(request: GenerationRequest, drafter: Drafter, verifier: Verifier,
+                       tokenizer) -> Delta:
+    """Run a request to completion: one Delta with all token ids and the whole text."""
+    ids, texts = [], []
+    last = None
+    async for delta in generate(request, drafter, verifier, tokenizer):
+        ids.extend(delta.token_ids)
+        texts.append(delta.text)
+        last = delta
+    return Delta(ids, "".join(texts), last.finish_reason, last.stats)

@@ -1,0 +1,163 @@
+"""Measure a draft/target pair: held-out loss, line completion, acceptance and step costs.
+
+    speccascade models eval [--target DIR --draft DIR] [--out card.json]
+
+Line completion: at a sampled line of a held-out file, the model sees the file up to that line and
+greedily writes one line; exact match compares stripped lines, edit similarity is difflib's ratio.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from speccascade.models.corpus import read_text, split_files
+
+
+@dataclass(frozen=True)
+class LineTask:
+    prompt: str     # file text up to the start of the line
+    answer: str     # the line itself, without its newline
+
+
+def line_completion_tasks(n: int = 200, seed: int = 0, max_prompt_chars: int = 1200) -> list[LineTask]:
+    """n deterministic tasks from held-out files: lines with ≥ 8 non-blank characters."""
+    rng = random.Random(seed)
+    _, held_out = split_files()
+    candidates = []
+    for path in held_out:
+        lines = read_text(path).splitlines(keepends=True)
+        for i in range(5, len(lines)):
+            if len(lines[i].strip()) >= 8:
+                candidates.append((path, i))
+    tasks = []
+    for path, i in rng.sample(candidates, n):
+        lines = read_text(path).splitlines(keepends=True)
+        prefix = "".join(lines[:i])[-max_prompt_chars:]
+        tasks.append(LineTask(prefix, lines[i].rstrip("\n")))
+    return tasks
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    return float(prediction.strip() == answer.strip())
+
+
+def edit_similarity(prediction: str, answer: str) -> float:
+    return difflib.SequenceMatcher(None, prediction.strip(), answer.strip()).ratio()
+
+
+def first_line(text: str) -> str:
+    return text.split("\n", 1)[0]
+
+
+@torch.inference_mode()
+def held_out_loss(model, tokenizer, max_tokens: int = 60_000, window: int = 256) -> float:
+    """Mean next-token cross-entropy (nats/token) on held-out files."""
+    _, held_out = split_files()
+    total, count = 0.0, 0
+    for path in held_out:
+        ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start: start + window + 1]])
+            if chunk.shape[1] < 2:
+                continue
+            logits = model(chunk[:, :-1]).logits.float()
+            total += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+            count += chunk.shape[1] - 1
+            if count >= max_tokens:
+                return total / count
+    return total / count
+
+
+@torch.inference_mode()
+def sampling_acceptance(target, draft, tokenizer, max_tokens: int = 20_000) -> float:
+    """α_acc = E[Σ_v min(p(v), q(v))] at temperature 1 on held-out text."""
+    _, held_out = split_files()
+    acc, count = 0.0, 0
+    for path in held_out:
+        ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"][:257]
+        if len(ids) < 2:
+            continue
+        x = torch.tensor([ids[:-1]])
+        p, q = target(x).logits.float().softmax(-1), draft(x).logits.float().softmax(-1)
+        acc += torch.minimum(p, q).sum(-1).sum().item()
+        count += x.shape[1]
+        if count >= max_tokens:
+            break
+    return acc / count
+
+
+@torch.inference_mode()
+def step_ms(model, context: int = 128, new_tokens: int = 1, repeats: int = 30) -> float:
+    """Median time of one cached forward of new_tokens positions after a context-token prefill."""
+    from speccascade.models.runner import ModelRunner
+
+    runner = ModelRunner(model, max_live_seqs=1)
+    tokens = list(range(10, 10 + context + new_tokens))
+    runner.forward([("s", tokens[:context], 1)])
+    times = []
+    for _ in range(repeats + 3):
+        start = time.perf_counter()
+        runner.forward([("s", tokens, new_tokens)])
+        times.append((time.perf_counter() - start) * 1000)
+        runner.rollback("s", context)
+    return sorted(times[3:])[repeats // 2]
+
+
+def evaluate(target_dir, draft_dir, *, tasks: int = 200, threads: int = 1, dtype: str = "float32",
+             gamma: int = 4) -> dict:
+    from speccascade.engine.engine import Engine
+    from speccascade.engine.loop import Mode
+
+    torch.set_num_threads(threads)
+    engine = Engine.from_paths(target_dir, draft_dir, dtype=dtype)
+    target = engine.verifier.worker.runner.model
+    draft = engine.drafter.worker.runner.model
+    tok = engine.tokenizer
+    card: dict = {"target": str(target_dir), "draft": str(draft_dir), "dtype": dtype,
+                  "threads": threads,
+                  "target_params_m": sum(p.numel() for p in target.parameters()) / 1e6,
+                  "draft_params_m": sum(p.numel() for p in draft.parameters()) / 1e6}
+    with tqdm(total=6, desc="evaluate pair", unit="stage") as bar:
+        card["target_loss"] = held_out_loss(target, tok); bar.update()
+        card["draft_loss"] = held_out_loss(draft, tok); bar.update()
+        card["sampling_acceptance"] = sampling_acceptance(target, draft, tok); bar.update()
+        card["target_step_ms"] = step_ms(target)
+        card["draft_step_ms"] = step_ms(draft)
+        card["verify_step_ms"] = step_ms(target, new_tokens=gamma + 1)
+        card["cost_ratio_c"] = card["draft_step_ms"] / card["target_step_ms"]; bar.update()
+        line_tasks = line_completion_tasks(tasks)
+        for mode in (Mode.TARGET, Mode.DRAFT):
+            results = engine.generate([engine.request(t.prompt, f"{mode.name}{i}", mode=mode,
+                                                      max_new_tokens=48, stop=("\n",))
+                                       for i, t in enumerate(line_tasks)])
+            preds = [first_line(r.text) for r in results]
+            name = mode.name.lower()
+            card[f"{name}_line_exact_match"] = sum(map(exact_match, preds, [t.answer for t in line_tasks])) / len(line_tasks)
+            card[f"{name}_line_edit_similarity"] = sum(map(edit_similarity, preds, [t.answer for t in line_tasks])) / len(line_tasks)
+        bar.update()
+        spec = engine.generate([engine.request(t.prompt, f"S{i}", mode=Mode.SPECULATIVE,
+                                               max_new_tokens=64, num_draft_tokens=gamma)
+                                for i, t in enumerate(line_tasks[:60])])
+        drafted = sum(r.stats.drafted for r in spec)
+        card[f"greedy_acceptance_gamma{gamma}"] = sum(r.stats.accepted for r in spec) / drafted
+        card["mean_accepted_length"] = (sum(r.stats.accepted + r.stats.rounds for r in spec)
+                                        / sum(r.stats.rounds for r in spec))
+        bar.update()
+    card["loss_gap_nats"] = card["draft_loss"] - card["target_loss"]
+    return card
+
+
+def main(args) -> None:
+    card = evaluate(args.target, args.draft, tasks=args.tasks, threads=args.threads, dtype=args.dtype)
+    text = json.dumps(card, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")

@@ -1,0 +1,478 @@
+"""Sampling math for speculative decoding and speculative cascades — pure torch.
+
+Terms (REFERENCE.md §1–3; the same names are used in code, docs and metrics):
+
+- ``p`` — the **target** (large, verifier) model's next-token distribution;
+  ``q`` — the **draft** (small) model's.
+- ``γ`` (``num_draft_tokens``) — tokens drafted per round. A round drafts γ tokens from q and checks
+  them with one target forward over γ + 1 positions.
+- **accepted** — a drafted token ``x`` kept by the test ``u < min(1, p(x) / q(x))``, u ~ U[0, 1).
+- **recovered** — the token emitted at the first rejection, sampled from the residual
+  ``norm(max(0, p − q))`` at that position; the round stops there.
+- **bonus** — the token sampled from ``p`` at position γ when all γ drafts were accepted.
+  Every round emits ``accepted + 1`` tokens.
+- ``π`` — a speculative cascade's target distribution, built from q and p by a deferral rule.
+  The cascade runs the *same* lossless sampler with π in place of p, so its output follows π
+  exactly as speculative decoding's follows p.
+- ``α`` (``deferral_threshold``, lenience) — the per-request knob of a deferral rule; one end of its
+  range gives π = p (pure speculative decoding, ``SD_END``), the other π = q (``DRAFT_END``).
+
+Guarantees:
+
+- **Lossless.** ``verify`` emits, at every position, a token distributed exactly as the given
+  target (p, or π for cascades) conditioned on the tokens emitted before it.
+- **Seeded.** Randomness comes only from per-row generators (``round_generator``) seeded from
+  (request seed, absolute token position, stream), and every row consumes a number of uniforms
+  that depends only on its own γ. A request's output therefore does not depend on what else shares
+  the batch or on which replica serves it.
+
+Temperature 0 is greedy: ``process_logits`` returns one-hot rows, and ``verify`` on one-hot p, q
+gives the same result as ``verify_greedy``.
+
+Cascade detail (following the reference notebook ``google-research/speculative_cascades``): the
+deferral *decision* compares temperature-1 probabilities (``p_raw``, ``q_raw``), while π mixes the
+processed (temperature / top-k / top-p) ``p`` and ``q`` that are actually sampled. OPT's
+total-variation term is taken, as in the notebook, between the processed distributions.
+The notebook drafts one token per round, so it has no bonus position; here the bonus token comes
+from whatever the caller passes at position γ — p when the draft distribution at that position is
+unknown (our drafters return q for the γ drafted positions only), or π built with it when it is.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------------
+# Parameters and validation
+# --------------------------------------------------------------------------------------------
+
+
+class ParamError(ValueError):
+    """A request parameter is out of range. ``field`` is the request field name."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class DeferralRule(enum.IntEnum):
+    """Speculative-cascade deferral rules; values match the proto enum (0 = unspecified)."""
+
+    CHOW = 1       # keep q when max q ≥ 1 − α
+    DIFF = 2       # keep q when max q ≥ max p − α
+    OPT = 3        # keep q when max q ≥ max p − α·TV(q, p)
+    TOKEN_V1 = 4   # A = {v : q(v) ≥ max p − α}
+    TOKEN_V2 = 5   # A = {v : p(v) ≥ max p − α}
+    TOKEN_V3 = 6   # A = {v : p(v) ≥ (1 − α)·max p}
+
+
+WHOLE_DISTRIBUTION_RULES = frozenset({DeferralRule.CHOW, DeferralRule.DIFF, DeferralRule.OPT})
+
+# Closed interval of α per rule. OPT accepts any finite α.
+ALPHA_RANGE: dict[DeferralRule, tuple[float, float]] = {
+    DeferralRule.CHOW: (0.0, 1.0),
+    DeferralRule.DIFF: (-1.0, 1.0),
+    DeferralRule.OPT: (-math.inf, math.inf),
+    DeferralRule.TOKEN_V1: (-1.0, 1.0),
+    DeferralRule.TOKEN_V2: (-1.0, 1.0),
+    DeferralRule.TOKEN_V3: (0.0, 1.0),
+}
+
+# α at which π = p (pure speculative decoding). Exceptions: CHOW at 0 keeps q where max q is exactly
+# 1; OPT reaches p only as α → −∞ (−1e9 is p unless TV(q, p) < ~1e-9, where q ≈ p anyway);
+# TOKEN_V3 has no SD end — at 0 it keeps the argmax of p, so π = q(a)·δ_a + (1 − q(a))·p with
+# a = argmax p, which equals p only at temperature 0 (one-hot p and q).
+SD_END: dict[DeferralRule, float] = {
+    DeferralRule.CHOW: 0.0,
+    DeferralRule.DIFF: -1.0,
+    DeferralRule.OPT: -1e9,
+    DeferralRule.TOKEN_V1: -1.0,
+    DeferralRule.TOKEN_V2: -1.0,
+    DeferralRule.TOKEN_V3: 0.0,
+}
+
+# α at which π = q: every draft is accepted.
+DRAFT_END: dict[DeferralRule, float] = {
+    DeferralRule.CHOW: 1.0,
+    DeferralRule.DIFF: 1.0,
+    DeferralRule.OPT: 1e9,
+    DeferralRule.TOKEN_V1: 1.0,
+    DeferralRule.TOKEN_V2: 1.0,
+    DeferralRule.TOKEN_V3: 1.0,
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling parameters, applied identically to p and q."""
+
+    temperature: float = 0.0   # 0 = greedy
+    top_k: int = 0             # 0 = off
+    top_p: float = 1.0         # (0, 1]; 1 = off
+    seed: int = 0
+
+    def __post_init__(self):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ParamError("temperature",
+                             f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ParamError("top_k", f"top_k must be an integer >= 0 (0 = off), got {k!r}")
+        tp = self.top_p
+        if isinstance(tp, bool) or not isinstance(tp, (int, float)) or not 0 < tp <= 1:
+            raise ParamError("top_p", f"top_p must be in (0, 1] (1 = off), got {tp!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ParamError("seed", f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _range_text(lo: float, hi: float) -> str:
+    if math.isinf(lo) and math.isinf(hi):
+        return "any finite number"
+    return f"[{lo:g}, {hi:g}]"
+
+
+@dataclass(frozen=True)
+class CascadeParams:
+    """Per-request speculative-cascade parameters: the deferral rule and its threshold α."""
+
+    rule: DeferralRule
+    alpha: float
+
+    def __post_init__(self):
+        try:
+            rule = DeferralRule(self.rule)
+        except ValueError:
+            names = ", ".join(r.name for r in DeferralRule)
+            raise ParamError("deferral_rule",
+                             f"deferral_rule must be one of {names}, got {self.rule!r}") from None
+        object.__setattr__(self, "rule", rule)
+        lo, hi = ALPHA_RANGE[rule]
+        a = self.alpha
+        if (isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a)
+                or not lo <= a <= hi):
+            raise ParamError("deferral_threshold",
+                             f"deferral_threshold (alpha) must be finite; allowed range for "
+                             f"{rule.name} is {_range_text(lo, hi)}, got {a!r}")
+
+
+def validate_num_draft_tokens(num_draft_tokens: int, maximum: int) -> None:
+    """γ must be in [1, maximum]."""
+    n = num_draft_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= maximum:
+        raise ParamError("num_draft_tokens",
+                         f"num_draft_tokens must be an integer in [1, {maximum}], got {n!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Logits → probabilities
+# --------------------------------------------------------------------------------------------
+
+
+def process_logits(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """logits [batch, k, vocab] -> probs [batch, k, vocab] float32.
+
+    Per row, in order: temperature, then top-k (keeps every token whose logit is ≥ the k-th
+    largest, so ties at the boundary are kept, as in Hugging Face and vLLM), then top-p (keeps the
+    smallest set of most likely tokens whose mass reaches top_p, at least one token), then
+    renormalize. Temperature 0 gives a one-hot row at the argmax (ties: lowest index, like
+    torch.argmax). The same function and parameters must be used for p and q.
+    """
+    if logits.dim() != 3 or logits.shape[0] != len(params):
+        raise ValueError(f"logits must be [batch, k, vocab] with batch = len(params); "
+                         f"got {tuple(logits.shape)} and {len(params)} params")
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    greedy = torch.tensor([s.greedy for s in params])                                  # [batch]
+    temperature = torch.tensor([s.temperature if not s.greedy else 1.0 for s in params])
+    top_k = torch.tensor([min(s.top_k, vocab) if s.top_k > 0 else vocab for s in params])
+    top_p = torch.tensor([float(s.top_p) for s in params], dtype=torch.float64)
+
+    # Temperature; subtracting the max first keeps tiny temperatures finite.
+    scaled = logits - logits.amax(-1, keepdim=True)
+    scaled = scaled / temperature[:, None, None]                                 # [batch, k, vocab]
+    if bool((top_k < vocab).any() or (top_p < 1).any()):
+        scaled = _mask_top_k_top_p(scaled, top_k, top_p)
+    probs = torch.softmax(scaled, dim=-1)                                        # [batch, k, vocab]
+
+    if bool(greedy.any()):
+        one_hot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).float()  # [batch, k, vocab]
+        probs = torch.where(greedy[:, None, None], one_hot, probs)
+    return probs
+
+
+def _mask_top_k_top_p(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Set logits outside each row's top-k / top-p set to -inf. scaled [batch, k, vocab]."""
+    sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)     # [batch, k, vocab]
+
+    # top-k: threshold at the k-th largest logit.
+    kth = sorted_logits.gather(-1, (top_k - 1)[:, None, None].expand(*scaled.shape[:2], 1))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)
+
+    # top-p on the top-k-renormalized distribution: keep a token if the mass strictly before it
+    # is below top_p. Rows with top_p = 1 keep everything (float cumsums can reach 1 early).
+    sorted_probs = torch.softmax(sorted_logits.double(), dim=-1)                 # [batch, k, vocab]
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    keep_sorted = (mass_before < top_p[:, None, None]) | (top_p[:, None, None] >= 1)
+    keep_sorted &= sorted_logits > -math.inf
+
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)         # [batch, k, vocab]
+    return scaled.masked_fill(~keep, -math.inf)
+
+
+# --------------------------------------------------------------------------------------------
+# Seeded randomness and plain sampling
+# --------------------------------------------------------------------------------------------
+
+DRAFT_STREAM = 0    # the drafter's sampling of draft tokens
+VERIFY_STREAM = 1   # acceptance tests and the recovered / bonus token
+
+
+def round_generator(seed: int, position: int, stream: int) -> torch.Generator:
+    """Counter-based seeding: a CPU generator seeded from a hash of (seed, position, stream).
+
+    A request's randomness depends only on its seed and the absolute token position, never on
+    batch companions or on which replica serves it. ``stream`` is DRAFT_STREAM for the drafter's
+    sampling and VERIFY_STREAM for acceptance / recovery, so the two never share uniforms.
+    """
+    digest = hashlib.blake2b(f"{seed}:{position}:{stream}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return generator
+
+
+def _uniform(generator: torch.Generator, n: int = 1) -> Tensor:
+    """n uniforms in [0, 1), float64, from one generator."""
+    return torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
+    """weights [batch, vocab] ≥ 0 (need not sum to 1), u [batch] in [0, 1) -> tokens [batch].
+
+    Picks the first token whose cumulative weight exceeds u·total, so a zero-weight token is
+    never picked.
+    """
+    cdf = weights.double().cumsum(-1)                                            # [batch, vocab]
+    threshold = u.double()[:, None] * cdf[:, -1:]                                # [batch, 1]
+    tokens = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)          # [batch]
+    return tokens.clamp(max=weights.shape[-1] - 1)
+
+
+def sample(probs: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    """probs [batch, vocab] -> tokens [batch] int64.
+
+    Exactly one uniform per row from that row's generator (inverse CDF), so generator consumption
+    does not depend on the outcome.
+    """
+    if probs.dim() != 2 or probs.shape[0] != len(generators):
+        raise ValueError(f"probs must be [batch, vocab] with batch = len(generators); "
+                         f"got {tuple(probs.shape)} and {len(generators)} generators")
+    u = torch.cat([_uniform(g) for g in generators]) if generators else torch.zeros(0)  # [batch]
+    return _inverse_cdf(probs, u)
+
+
+# --------------------------------------------------------------------------------------------
+# Speculative cascades: the target distribution π
+# --------------------------------------------------------------------------------------------
+
+
+def cascade_target(p: Tensor, q: Tensor, p_raw: Tensor, q_raw: Tensor,
+                   params: Sequence[CascadeParams]) -> tuple[Tensor, Tensor]:
+    """The speculative-cascade target π for each row.
+
+    p, q: processed (temperature / top-k / top-p) probabilities [batch, k, vocab];
+    p_raw, q_raw: temperature-1 softmax probabilities [batch, k, vocab], used for the deferral
+    decision. Returns (pi [batch, k, vocab] float32, deferred [batch, k] bool). For the
+    whole-distribution rules deferred = δ (π = p); for the token rules deferred means π is not q,
+    i.e. some draft mass is handed to p. Rows may have different rules and α.
+    """
+    if not (p.shape == q.shape == p_raw.shape == q_raw.shape) or p.dim() != 3:
+        raise ValueError("p, q, p_raw, q_raw must all be [batch, k, vocab]")
+    if p.shape[0] != len(params):
+        raise ValueError(f"{len(params)} cascade params for a batch of {p.shape[0]}")
+    p, q = p.float(), q.float()
+    rules = torch.tensor([int(c.rule) for c in params])                          # [batch]
+    alpha = torch.tensor([float(c.alpha) for c in params], dtype=torch.float64)  # [batch]
+    pi = torch.empty_like(p)                                                     # [batch, k, vocab]
+    deferred = torch.empty(p.shape[:2], dtype=torch.bool)                        # [batch, k]
+    for rule in sorted({c.rule for c in params}):
+        rows = (rules == rule).nonzero().squeeze(1)
+        args = (p[rows], q[rows], p_raw[rows], q_raw[rows], alpha[rows])
+        if rule in WHOLE_DISTRIBUTION_RULES:
+            pi[rows], deferred[rows] = _whole_distribution_target(rule, *args)
+        else:
+            pi[rows], deferred[rows] = _token_target(rule, *args)
+    return pi, deferred
+
+
+def _whole_distribution_target(rule: DeferralRule, p: Tensor, q: Tensor, p_raw: Tensor,
+                               q_raw: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """π = (1 − δ)·q + δ·p with δ ∈ {0, 1}; alpha [batch] float64."""
+    alpha = alpha[:, None]                                                       # [batch, 1]
+    max_q = q_raw.double().amax(-1)                                              # [batch, k]
+    max_p = p_raw.double().amax(-1)                                              # [batch, k]
+    if rule == DeferralRule.CHOW:
+        keep_q = max_q >= 1 - alpha
+    elif rule == DeferralRule.DIFF:
+        keep_q = max_q >= max_p - alpha
+    else:  # OPT; TV between the distributions that are sampled, as in the reference notebook
+        tv = (q.double() - p.double()).clamp(min=0).sum(-1)                      # [batch, k]
+        keep_q = max_q >= max_p - alpha * tv
+    defer = ~keep_q                                                              # [batch, k]
+    return torch.where(defer[..., None], p, q), defer
+
+
+def _token_target(rule: DeferralRule, p: Tensor, q: Tensor, p_raw: Tensor, q_raw: Tensor,
+                  alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """π(v) = q(v)·1[v ∈ A] + (1 − Σ_{u∈A} q(u))·p(v); alpha [batch] float64."""
+    alpha = alpha[:, None, None]                                                 # [batch, 1, 1]
+    max_p = p_raw.double().amax(-1, keepdim=True)                                # [batch, k, 1]
+    if rule == DeferralRule.TOKEN_V1:
+        in_a = q_raw.double() >= max_p - alpha
+    elif rule == DeferralRule.TOKEN_V2:
+        in_a = p_raw.double() >= max_p - alpha
+    else:  # TOKEN_V3
+        in_a = p_raw.double() >= (1 - alpha) * max_p                             # [batch, k, vocab]
+    kept = q * in_a                                                              # [batch, k, vocab]
+    # The draft mass outside A, as a fraction of q's total: exactly 1 when A is empty (π = p) and
+    # exactly 0 when A is everything (π = q), whatever the float rounding of Σ q.
+    handed_over = (q * ~in_a).sum(-1, keepdim=True) / q.sum(-1, keepdim=True)    # [batch, k, 1]
+    return kept + handed_over * p, handed_over.squeeze(-1) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Verification: lossless rejection sampling and the greedy path
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyOutput:
+    num_accepted: Tensor   # [batch] int64
+    tokens: Tensor         # [batch, γmax + 1] int64: accepted drafts then the recovered/bonus token, -1 pad
+
+    @property
+    def num_emitted(self) -> Tensor:
+        return self.num_accepted + 1
+
+
+def verify(draft_tokens: Tensor, num_drafts: Tensor, q: Tensor, p: Tensor,
+           generators: Sequence[torch.Generator]) -> VerifyOutput:
+    """Lossless rejection sampling for several sequences at once, each with its own γ.
+
+    draft_tokens [batch, γmax] int64 (entries beyond num_drafts ignored); num_drafts [batch]
+    (0 = plain sampling from p[:, 0]); q [batch, γmax, vocab] the distributions the drafts were
+    sampled from; p [batch, γmax + 1, vocab] the target (or π) distributions.
+
+    Row b consumes exactly num_drafts[b] + 1 uniforms from generators[b]: one acceptance uniform
+    per drafted position (drawn even after a rejection) and then one for the emitted token.
+    """
+    uniforms = _draw_verify_uniforms(num_drafts, draft_tokens.shape[1], generators)
+    return _verify_with_uniforms(draft_tokens, num_drafts, q, p, uniforms)
+
+
+def _draw_verify_uniforms(num_drafts: Tensor, gamma_max: int,
+                          generators: Sequence[torch.Generator]) -> Tensor:
+    """-> uniforms [batch, γmax + 1] float64: columns 0..n−1 test the drafts, column n emits."""
+    if len(generators) != num_drafts.shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {num_drafts.shape[0]}")
+    uniforms = torch.zeros(len(generators), gamma_max + 1, dtype=torch.float64)
+    for b, (n, generator) in enumerate(zip(num_drafts.tolist(), generators)):
+        uniforms[b, :n] = _uniform(generator, n)
+        uniforms[b, n] = _uniform(generator)[0]   # the draw sample() would make
+    return uniforms
+
+
+def _acceptance_probability(p_x: Tensor, q_x: Tensor) -> Tensor:
+    """min(1, p(x)/q(x)) for drafted tokens x; [batch, γ] float64. q(x) = 0 counts as ratio ∞."""
+    p_x, q_x = p_x.double(), q_x.double()
+    ratio = p_x / q_x.clamp(min=torch.finfo(torch.float64).tiny)
+    return torch.where(q_x > 0, ratio.clamp(max=1), (p_x > 0).double())
+
+
+def _residual(p: Tensor, q: Tensor) -> Tensor:
+    """max(0, p − q) (unnormalized) [batch, vocab] float64; p itself where no mass is left."""
+    residual = (p.double() - q.double()).clamp(min=0)
+    empty = residual.sum(-1, keepdim=True) <= 0
+    return torch.where(empty, p.double(), residual)
+
+
+def _check_verify_shapes(draft_tokens: Tensor, num_drafts: Tensor, q: Tensor, p: Tensor) -> None:
+    batch, gamma_max = draft_tokens.shape
+    if num_drafts.shape != (batch,):
+        raise ValueError(f"num_drafts must be [batch]={batch}, got {tuple(num_drafts.shape)}")
+    if p.dim() != 3 or p.shape[:2] != (batch, gamma_max + 1):
+        raise ValueError(f"p must be [batch, γmax + 1, vocab] = [{batch}, {gamma_max + 1}, V], "
+                         f"got {tuple(p.shape)}")
+    if q.shape != (batch, gamma_max, p.shape[2]):
+        raise ValueError(f"q must be [batch, γmax, vocab] = [{batch}, {gamma_max}, "
+                         f"{p.shape[2]}], got {tuple(q.shape)}")
+    if batch and (num_drafts.min() < 0 or num_drafts.max() > gamma_max):
+        raise ValueError(f"num_drafts must be in [0, {gamma_max}]")
+
+
+def _verify_with_uniforms(draft_tokens: Tensor, num_drafts: Tensor, q: Tensor, p: Tensor,
+                          uniforms: Tensor) -> VerifyOutput:
+    """``verify`` with pre-drawn uniforms [batch, γmax + 1] (layout of _draw_verify_uniforms)."""
+    _check_verify_shapes(draft_tokens, num_drafts, q, p)
+    batch, gamma_max = draft_tokens.shape
+    rows = torch.arange(batch)
+    positions = torch.arange(gamma_max)
+
+    # 1. Acceptance test at every drafted position: u_i < min(1, p(x_i) / q(x_i)).
+    drafted = positions[None, :] < num_drafts[:, None]                           # [batch, γ]
+    x = torch.where(drafted, draft_tokens, 0)[..., None]                         # [batch, γ, 1]
+    p_x = p[:, :gamma_max].gather(-1, x).squeeze(-1)                             # [batch, γ]
+    q_x = q.gather(-1, x).squeeze(-1)                                            # [batch, γ]
+    accepted = drafted & (uniforms[:, :gamma_max] < _acceptance_probability(p_x, q_x))
+
+    # 2. Accepted prefix: drafts up to the first rejection.
+    num_accepted = accepted.long().cumprod(-1).sum(-1)                           # [batch]
+
+    # 3. The emitted token at position num_accepted: recovered from the residual after a
+    #    rejection, the bonus from p when every draft was accepted.
+    p_e = p[rows, num_accepted]                                                  # [batch, vocab]
+    rejected = num_accepted < num_drafts                                         # [batch]
+    if gamma_max > 0:
+        q_e = q[rows, num_accepted.clamp(max=gamma_max - 1)]                     # [batch, vocab]
+        emit_from = torch.where(rejected[:, None], _residual(p_e, q_e), p_e.double())
+    else:
+        emit_from = p_e
+    emitted = _inverse_cdf(emit_from, uniforms[rows, num_drafts])                # [batch]
+
+    # 4. Output: accepted drafts, then the emitted token, padded with -1.
+    tokens = torch.full((batch, gamma_max + 1), -1, dtype=torch.long)           # [batch, γ + 1]
+    keep = torch.arange(gamma_max + 1)[None, :] < num_accepted[:, None]
+    tokens[:, :gamma_max] = torch.where(keep[:, :gamma_max], draft_tokens, -1)
+    tokens[rows, num_accepted] = emitted
+    return VerifyOutput(num_accepted=num_accepted, tokens=tokens)
+
+
+def verify_greedy(draft_tokens: Tensor, num_drafts: Tensor, p: Tensor) -> VerifyOutput:
+    """The temperature-0 path: accept while draft == argmax p, then emit argmax p. No randomness.
+
+    draft_tokens [batch, γmax], num_drafts [batch], p [batch, γmax + 1, vocab] probs or logits.
+    """
+    batch, gamma_max = draft_tokens.shape
+    if p.dim() != 3 or p.shape[:2] != (batch, gamma_max + 1):
+        raise ValueError(f"p must be [batch, γmax + 1, vocab], got {tuple(p.shape)}")
+    rows = torch.arange(batch)
+    best = p.argmax(-1)                                                          # [batch, γ + 1]
+    drafted = torch.arange(gamma_max)[None, :] < num_drafts[:, None]             # [batch, γ]
+    matches = drafted & (draft_tokens == best[:, :gamma_max])
+    num_accepted = matches.long().cumprod(-1).sum(-1)                            # [batch]
+    tokens = torch.full((batch, gamma_max + 1), -1, dtype=torch.long)
+    keep = torch.arange(gamma_max)[None, :] < num_accepted[:, None]
+    tokens[:, :gamma_max] = torch.where(keep, draft_tokens, -1)
+    tokens[rows, num_accepted] = best[rows, num_accepted]
+    return VerifyOutput(num_accepted=num_accepted, tokens=tokens)

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints saved to disk, loaded like real ones."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_TEXT = "\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200))
+
+
+def make_tokenizer(vocab_size: int = 300):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TINY_TEXT], vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=eos, bos_token=eos,
+                                   pad_token=eos, unk_token=eos)
+
+
+def save_tiny_model(out: Path, tokenizer, *, seed: int, hidden: int = 32, layers: int = 2,
+                    dtype=torch.float64) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    model = LlamaForCausalLM(config)
+    # A larger init than the default 0.02 gives peaked, well-separated logits: greedy never
+    # hinges on a near-tie, so batched and one-at-a-time forwards pick the same token.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.3)
+    model.to(dtype).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(target_dir, draft_dir): different random weights, one shared tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_pair")
+    tok = make_tokenizer()
+    return (save_tiny_model(root / "target", tok, seed=1, hidden=48, layers=3),
+            save_tiny_model(root / "draft", tok, seed=2, hidden=32, layers=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_twins(tmp_path_factory) -> tuple[Path, Path]:
+    """(target_dir, draft_dir) with identical weights: every greedy draft must be accepted."""
+    root = tmp_path_factory.mktemp("tiny_twins")
+    tok = make_tokenizer()
+    return (save_tiny_model(root / "target", tok, seed=1, hidden=48, layers=3),
+            save_tiny_model(root / "draft", tok, seed=1, hidden=48, layers=3))
