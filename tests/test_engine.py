@@ -167,3 +167,16 @@ def test_incompatible_pair_is_rejected(tiny_pair, tmp_path):
     other = save_tiny_model(tmp_path / "other", make_tokenizer(vocab_size=280), seed=3)
     with pytest.raises(IncompatiblePairError, match="different tokenizers"):
         check_pair(tiny_pair[0], other)
+
+
+def test_adaptive_gamma_and_early_stop_keep_greedy_output(engine, tiny_twins):
+    target = run(engine, Mode.TARGET, PROMPTS[:4], 40)
+    adaptive = run(engine, Mode.SPECULATIVE, PROMPTS[:4], 40, num_draft_tokens=2, adaptive=True,
+                   draft_stop_below=0.3)
+    for t, a in zip(target, adaptive):
+        assert a.token_ids == t.token_ids
+    twins = Engine.from_paths(*tiny_twins, dtype="float64")
+    [grown] = run(twins, Mode.SPECULATIVE, PROMPTS[:1], 60, num_draft_tokens=1, adaptive=True,
+                  max_num_draft_tokens=8)
+    # all drafts accepted → γ grows 1, 3, 5, 7, 8, ...: far fewer rounds than with γ = 1
+    assert grown.stats.rounds < 60 / 4

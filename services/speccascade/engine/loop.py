@@ -40,7 +40,9 @@ class GenerationRequest:
     max_new_tokens: int
     mode: Mode = Mode.SPECULATIVE
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    num_draft_tokens: int = 4                 # γ
+    num_draft_tokens: int = 4                 # γ (the starting γ when adaptive)
+    adaptive: bool = False                    # adapt γ per round from observed acceptance
+    max_num_draft_tokens: int = 8             # adaptive γ stays in [1, this]
     cascade: CascadeParams | None = None      # required for CASCADE
     stop: tuple[str, ...] = ()
     eos_token_ids: frozenset[int] = frozenset()
@@ -73,11 +75,22 @@ class _State:
     committed: list[int]
     stats: RequestStats = field(default_factory=RequestStats)
     speculation: _Speculation | None = None
+    current_gamma: int = 0
+
+    def __post_init__(self):
+        self.current_gamma = self.request.num_draft_tokens
 
     def gamma(self) -> int:
         """γ for this round: never draft past max_new_tokens or the model context."""
         room = self.request.max_seq_len - len(self.committed) - 1
-        return max(0, min(self.request.num_draft_tokens, self.transcript.remaining - 1, room))
+        return max(0, min(self.current_gamma, self.transcript.remaining - 1, room))
+
+    def adapt_gamma(self, drafted: int, accepted: int) -> None:
+        """Transformers' heuristic schedule: +2 after a fully accepted block, −1 otherwise."""
+        if self.request.adaptive:
+            step = 2 if accepted == drafted else -1
+            self.current_gamma = max(1, min(self.request.max_num_draft_tokens,
+                                            self.current_gamma + step))
 
     def draft_request(self, tokens: list[int], gamma: int) -> DraftRequest:
         r = self.request
@@ -141,6 +154,7 @@ async def _speculative_round(state: _State) -> list[int]:
     state.stats.deferrals += result.deferred
     state.stats.verify_ms += result.verify_ms
     state.stats.replicas.add(f"verifier:{result.replica}")
+    state.adapt_gamma(len(block.tokens), result.num_accepted)
     return result.emitted
 
 
