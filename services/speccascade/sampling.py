@@ -196,14 +196,16 @@ def process_logits(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     vocab = logits.shape[-1]
     greedy = torch.tensor([s.greedy for s in params])                                  # [batch]
     temperature = torch.tensor([s.temperature if not s.greedy else 1.0 for s in params])
-    top_k = torch.tensor([min(s.top_k, vocab) if s.top_k > 0 else vocab for s in params])
-    top_p = torch.tensor([float(s.top_p) for s in params], dtype=torch.float64)
+    top_k = torch.tensor([min(s.top_k, vocab) for s in params])                 # [batch], 0 = off
+    top_p = torch.tensor([float(s.top_p) for s in params], dtype=torch.float64)  # [batch], 1 = off
 
     # Temperature; subtracting the max first keeps tiny temperatures finite.
     scaled = logits - logits.amax(-1, keepdim=True)
     scaled = scaled / temperature[:, None, None]                                 # [batch, k, vocab]
-    if bool((top_k < vocab).any() or (top_p < 1).any()):
-        scaled = _mask_top_k_top_p(scaled, top_k, top_p)
+    if bool((top_k > 0).any()):
+        scaled = _apply_top_k(scaled, top_k)
+    if bool((top_p < 1).any()):
+        scaled = _apply_top_p(scaled, top_p)
     probs = torch.softmax(scaled, dim=-1)                                        # [batch, k, vocab]
 
     if bool(greedy.any()):
@@ -212,21 +214,26 @@ def process_logits(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     return probs
 
 
-def _mask_top_k_top_p(scaled: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """Set logits outside each row's top-k / top-p set to -inf. scaled [batch, k, vocab]."""
+def _apply_top_k(scaled: Tensor, top_k: Tensor) -> Tensor:
+    """Mask (-inf) logits below each row's k-th largest. scaled [batch, k, vocab]; top_k [batch]."""
+    largest = scaled.topk(int(top_k.max()), dim=-1).values                       # [batch, k, kmax]
+    index = (top_k.clamp(min=1) - 1)[:, None, None].expand(*scaled.shape[:2], 1)
+    kth = largest.gather(-1, index)                                              # [batch, k, 1]
+    kth = torch.where((top_k > 0)[:, None, None], kth, -math.inf)                # off: keep all
+    return scaled.masked_fill(scaled < kth, -math.inf)
+
+
+def _apply_top_p(scaled: Tensor, top_p: Tensor) -> Tensor:
+    """Mask (-inf) logits outside each row's top-p set. scaled [batch, k, vocab]; top_p [batch].
+
+    A token is kept if the probability mass strictly before it (most likely first, ties by lowest
+    index) is below top_p. Rows with top_p = 1 keep everything (float cumsums can reach 1 early).
+    """
     sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)     # [batch, k, vocab]
-
-    # top-k: threshold at the k-th largest logit.
-    kth = sorted_logits.gather(-1, (top_k - 1)[:, None, None].expand(*scaled.shape[:2], 1))
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)
-
-    # top-p on the top-k-renormalized distribution: keep a token if the mass strictly before it
-    # is below top_p. Rows with top_p = 1 keep everything (float cumsums can reach 1 early).
     sorted_probs = torch.softmax(sorted_logits.double(), dim=-1)                 # [batch, k, vocab]
     mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    keep_sorted = (mass_before < top_p[:, None, None]) | (top_p[:, None, None] >= 1)
-    keep_sorted &= sorted_logits > -math.inf
-
+    limit = top_p[:, None, None]                                                 # [batch, 1, 1]
+    keep_sorted = (mass_before < limit) | (limit >= 1)
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)         # [batch, k, vocab]
     return scaled.masked_fill(~keep, -math.inf)
 
@@ -296,6 +303,9 @@ def cascade_target(p: Tensor, q: Tensor, p_raw: Tensor, q_raw: Tensor,
     decision. Returns (pi [batch, k, vocab] float32, deferred [batch, k] bool). For the
     whole-distribution rules deferred = δ (π = p); for the token rules deferred means π is not q,
     i.e. some draft mass is handed to p. Rows may have different rules and α.
+
+    OPT multiplies α by TV(q, p); where that is 0 (p == q, e.g. the same greedy token) the rule
+    reduces to max q ≥ max p whatever α is, so δ may be 1 there although π = p = q.
     """
     if not (p.shape == q.shape == p_raw.shape == q_raw.shape) or p.dim() != 3:
         raise ValueError("p, q, p_raw, q_raw must all be [batch, k, vocab]")
@@ -359,7 +369,8 @@ def _token_target(rule: DeferralRule, p: Tensor, q: Tensor, p_raw: Tensor, q_raw
 @dataclass
 class VerifyOutput:
     num_accepted: Tensor   # [batch] int64
-    tokens: Tensor         # [batch, γmax + 1] int64: accepted drafts then the recovered/bonus token, -1 pad
+    tokens: Tensor         # [batch, γmax + 1] int64: accepted drafts, then the recovered or bonus
+                           # token, then -1 padding
 
     @property
     def num_emitted(self) -> Tensor:
@@ -374,8 +385,12 @@ def verify(draft_tokens: Tensor, num_drafts: Tensor, q: Tensor, p: Tensor,
     (0 = plain sampling from p[:, 0]); q [batch, γmax, vocab] the distributions the drafts were
     sampled from; p [batch, γmax + 1, vocab] the target (or π) distributions.
 
-    Row b consumes exactly num_drafts[b] + 1 uniforms from generators[b]: one acceptance uniform
-    per drafted position (drawn even after a rejection) and then one for the emitted token.
+    Draft x_i is accepted with probability min(1, p(x_i)/q(x_i)); at the first rejection the
+    recovered token comes from norm(max(0, p − q)) at that position (from p itself when nothing is
+    left, i.e. p ≤ q everywhere); if all are accepted the bonus token comes from p at position
+    num_drafts. Row b consumes exactly num_drafts[b] + 1 uniforms from generators[b]: one
+    acceptance uniform per drafted position (drawn even after a rejection), then one for the
+    emitted token.
     """
     uniforms = _draw_verify_uniforms(num_drafts, draft_tokens.shape[1], generators)
     return _verify_with_uniforms(draft_tokens, num_drafts, q, p, uniforms)
