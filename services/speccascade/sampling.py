@@ -61,6 +61,9 @@ class ParamError(ValueError):
         self.field = field
         self.message = message
 
+    def __reduce__(self):  # picklable: it crosses Ray process boundaries
+        return (type(self), (self.field, self.message))
+
 
 class DeferralRule(enum.IntEnum):
     """Speculative-cascade deferral rules; values match the proto enum (0 = unspecified)."""

@@ -1,0 +1,1 @@
+"""speccascade bench: speed against the analytic bound, the HF peer, cascades, concurrency."""

@@ -1,0 +1,105 @@
+"""Client-side measurement through the real gRPC service: one stream, or many at once."""
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from speccascade.client import SpecCascadeClient
+
+
+@dataclass
+class Run:
+    """One streamed request as the client saw it, with the server's stats."""
+    token_ids: list[int]
+    text: str
+    total_ms: float
+    ttft_ms: float
+    itl_ms: list[float] = field(default_factory=list)   # per token after the first message
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def non_model_ms_per_round(self) -> float:
+        """Round time not spent in model compute on the critical path: RPCs, queues, Python."""
+        s = self.stats
+        if not s.get("rounds"):
+            return 0.0
+        hidden = s["overlap_fraction"] * s["draft_ms"]
+        critical_model_ms = s["verify_ms"] + s["draft_ms"] - hidden
+        return (s["total_ms"] - critical_model_ms) / s["rounds"]
+
+
+def stream_one(client: SpecCascadeClient, prompt, **fields) -> Run:
+    started = time.perf_counter()
+    first = last = None
+    ids, texts, itl, stats = [], [], [], {}
+    for message in client.generate_stream(prompt, **fields):
+        now = time.perf_counter()
+        if message.token_ids:
+            if first is None:
+                first = now
+            else:
+                itl.extend([(now - last) * 1000 / len(message.token_ids)] * len(message.token_ids))
+            last = now
+        ids.extend(message.token_ids)
+        texts.append(message.text)
+        if message.HasField("stats"):
+            s = message.stats
+            stats = {name: getattr(s, name) for name in (
+                "rounds", "drafted", "accepted", "mean_accepted_length", "deferrals", "ttft_ms",
+                "total_ms", "draft_ms", "verify_ms", "overlap_fraction", "acceptance_rate")}
+    total = (time.perf_counter() - started) * 1000
+    return Run(ids, "".join(texts), total, ((first or time.perf_counter()) - started) * 1000,
+               itl, stats)
+
+
+def run_sequential(client, prompts, progress=None, **fields) -> list[Run]:
+    runs = []
+    for prompt in prompts:
+        runs.append(stream_one(client, prompt, **fields))
+        if progress is not None:
+            progress.update()
+    return runs
+
+
+def run_concurrent(client, prompts, streams: int, **fields) -> tuple[list[Run], float]:
+    """All prompts through `streams` concurrent streams; returns (runs, wall seconds)."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=streams) as pool:
+        runs = list(pool.map(lambda p: stream_one(client, p, **fields), prompts))
+    return runs, time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def summarize(runs: list[Run]) -> dict:
+    tokens = sum(len(r.token_ids) for r in runs)
+    seconds = sum(r.total_ms for r in runs) / 1000
+    itl = [x for r in runs for x in r.itl_ms]
+    agg = {k: sum(r.stats.get(k, 0) for r in runs) for k in
+           ("rounds", "drafted", "accepted", "deferrals", "draft_ms", "verify_ms")}
+    hidden = sum(r.stats.get("overlap_fraction", 0) * r.stats.get("draft_ms", 0) for r in runs)
+    rounds = max(agg["rounds"], 1)
+    return {
+        "requests": len(runs), "tokens": tokens,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "ttft_ms_p50": statistics.median(r.ttft_ms for r in runs),
+        "itl_ms_p50": percentile(itl, 50), "itl_ms_p95": percentile(itl, 95),
+        "latency_ms_mean": statistics.fmean(r.total_ms for r in runs),
+        "latency_ms_p95": percentile([r.total_ms for r in runs], 95),
+        "acceptance_rate": agg["accepted"] / agg["drafted"] if agg["drafted"] else 0.0,
+        "mean_accepted_length": (agg["accepted"] + agg["rounds"]) / rounds if agg["drafted"] else 1.0,
+        "deferral_rate": agg["deferrals"] / max(agg["drafted"], 1),
+        "round_ms": sum(r.stats.get("total_ms", 0) for r in runs) / rounds,
+        "round_draft_ms": agg["draft_ms"] / rounds,
+        "round_hidden_draft_ms": hidden / rounds,
+        "round_verify_ms": agg["verify_ms"] / rounds,
+        "non_model_ms_per_round_p50": statistics.median(r.non_model_ms_per_round for r in runs),
+        "overlap_fraction": hidden / agg["draft_ms"] if agg["draft_ms"] else 0.0,
+    }

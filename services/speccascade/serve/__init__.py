@@ -1,0 +1,1 @@
+"""The Ray Serve service: deployments, gRPC router, config, errors, CLI and client."""

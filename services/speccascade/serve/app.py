@@ -1,0 +1,40 @@
+"""build_app: the one place Serve is applied. Config in, bound application out.
+
+    serve.run(build_app({"verifier": {"num_replicas": 2}}), ...)     # from Python
+    serve run deploy/serve.yaml                                      # `args:` = the same dict
+
+Drafter and Verifier route with Ray's ConsistentHashRouter on the request id (KV-cache affinity);
+the Router is the gRPC ingress. The classes themselves stay plain Python.
+"""
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from speccascade.serve.config import CONSISTENT_HASH_ROUTER, ServiceConfig
+from speccascade.serve.drafter import Drafter
+from speccascade.serve.router import Router
+from speccascade.serve.verifier import Verifier
+
+GRPC_SERVICER = "speccascade.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+
+
+def _affinity(config: ServiceConfig) -> RequestRouterConfig:
+    return RequestRouterConfig(
+        request_router_class=CONSISTENT_HASH_ROUTER,
+        request_router_kwargs={"num_fallback_replicas": config.num_fallback_replicas})
+
+
+def build_app(config: "ServiceConfig | dict | None") -> Application:
+    """`config`: a ServiceConfig or a dict of its fields (what Serve passes from `args:`).
+
+    One parameter and no pydantic annotation, as Serve requires of an application builder."""
+    cfg = ServiceConfig.load(config)
+    data = cfg.model_dump()  # plain data crosses to the replicas; each one re-validates it
+    drafter = serve.deployment(Drafter, name="Drafter").options(
+        **cfg.drafter.serve_options(), request_router_config=_affinity(cfg))
+    verifier = serve.deployment(Verifier, name="Verifier").options(
+        **cfg.verifier.serve_options(), request_router_config=_affinity(cfg))
+    router = serve.deployment(Router, name="Router").options(**cfg.router.serve_options())
+    return router.bind(drafter.bind(data), verifier.bind(data), data)

@@ -1,0 +1,152 @@
+"""ServiceConfig: the one typed configuration of the service.
+
+Everything an operator sets lives here — model paths (the only place models are loaded from; no
+request field can name a model), devices and dtypes, γ defaults and request limits, and per
+deployment the replica count or autoscaling, concurrency and Ray resources. `build_app` turns it
+into a Serve application; `deploy/serve.yaml` passes the same fields as the builder's `args`.
+Unknown keys are errors, so a typo in a YAML file fails at deploy time instead of being ignored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+from speccascade.models.loader import default_pair_paths
+
+Dtype = Literal["float32", "bfloat16", "float16", "float64"]
+CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One checkpoint. `path=None` is the embedded default pair."""
+    path: str | None = None
+    dtype: Dtype = "float32"
+    device: str = "cpu"
+
+
+class ActorOptions(_Strict):
+    # Fractional CPUs let all replicas share a small machine; Ray only uses them for placement.
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class DeploymentSpec(_Strict):
+    """Serve options of one deployment. Set `num_replicas` or `autoscaling_config`, not both."""
+    num_replicas: PositiveInt | None = 1
+    autoscaling_config: dict[str, Any] | None = None
+    max_ongoing_requests: PositiveInt = 64
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+    torch_threads: PositiveInt = 1          # per replica; >1 only when cores are reserved for it
+    # How soon Serve notices a dead replica and stops routing to it (fail-over latency).
+    health_check_period_s: float = Field(2.0, gt=0)
+    # Serve's access log writes a line per call: thousands per second between router and models.
+    access_log: bool = False
+    # @serve.batch (drafter/verifier only): calls waiting while a forward runs join the next one.
+    max_batch_size: PositiveInt = 16
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_scaling_mode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("autoscaling_config") is not None:
+            if data.get("num_replicas") is not None:
+                raise ValueError("set num_replicas or autoscaling_config, not both")
+            data = {**data, "num_replicas": None}
+        return data
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options`."""
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": self.ray_actor_options.model_dump(),
+            "health_check_period_s": self.health_check_period_s,
+            "logging_config": {"enable_access_log": self.access_log},
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+class ServiceConfig(_Strict):
+    # -- models ------------------------------------------------------------------------------
+    target: ModelSpec = Field(default_factory=ModelSpec)
+    draft: ModelSpec = Field(default_factory=ModelSpec)
+    # -- request defaults and limits (violations answer INVALID_ARGUMENT) ---------------------
+    default_num_draft_tokens: PositiveInt = 4     # γ when the request says 0
+    max_num_draft_tokens: PositiveInt = 16
+    max_new_tokens: PositiveInt = 512             # cap on a request's max_new_tokens
+    max_prompt_tokens: PositiveInt = 2048         # also bounded by the model context
+    max_stop_strings: int = Field(8, ge=0)
+    max_stop_string_chars: PositiveInt = 128
+    max_message_bytes: PositiveInt = 1 << 20      # a serialized GenerateRequest
+    # -- capacity (beyond them RESOURCE_EXHAUSTED, never an out-of-memory crash) --------------
+    max_live_seqs: PositiveInt = 64               # KV entries per drafter/verifier replica
+    router_queue_cap: PositiveInt = 256           # requests in flight per router replica
+    # -- fail-over: retries of one drafter/verifier call after its replica died ---------------
+    replica_retry_attempts: int = Field(5, ge=0)
+    replica_retry_backoff_s: float = Field(0.2, gt=0)
+    # -- network -----------------------------------------------------------------------------
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    # Serve 2.60's gRPC proxy always listens on [::]; when `host` is a loopback address the router
+    # additionally refuses peers that are not loopback (PERMISSION_DENIED). See SECURITY.md.
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)  # Serve always starts its HTTP proxy (loopback)
+    # -- deployments -------------------------------------------------------------------------
+    drafter: DeploymentSpec = Field(default_factory=DeploymentSpec)
+    verifier: DeploymentSpec = Field(default_factory=DeploymentSpec)
+    router: DeploymentSpec = Field(default_factory=lambda: DeploymentSpec(
+        max_ongoing_requests=512, ray_actor_options=ActorOptions(num_cpus=0.25)))
+    # 0 = strict affinity: a busy replica makes the call wait rather than go to a replica that
+    # lacks the sequence's KV cache (a re-prefill, and a stale entry left behind).
+    num_fallback_replicas: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServiceConfig":
+        if self.default_num_draft_tokens > self.max_num_draft_tokens:
+            raise ValueError(f"default_num_draft_tokens ({self.default_num_draft_tokens}) exceeds "
+                             f"max_num_draft_tokens ({self.max_num_draft_tokens})")
+        if self.router.max_ongoing_requests < self.router_queue_cap:
+            raise ValueError("router.max_ongoing_requests must be >= router_queue_cap, so the "
+                             "router itself answers RESOURCE_EXHAUSTED when full")
+        for role in ("drafter", "verifier"):
+            spec: DeploymentSpec = getattr(self, role)
+            if spec.max_ongoing_requests < spec.max_batch_size:
+                raise ValueError(f"{role}.max_ongoing_requests must be >= {role}.max_batch_size")
+        return self
+
+    def model_paths(self) -> tuple[Path, Path]:
+        """(target_dir, draft_dir), resolving unset paths to the embedded default pair."""
+        default_target, default_draft = default_pair_paths()
+        return (Path(self.target.path) if self.target.path else default_target,
+                Path(self.draft.path) if self.draft.path else default_draft)
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1")
+
+    @classmethod
+    def load(cls, source: "ServiceConfig | dict | str | Path | None" = None,
+             **overrides: Any) -> "ServiceConfig":
+        """From a ServiceConfig, a dict, or a YAML file (its top level, or its `args:` key when it
+        is a Serve config file); `overrides` win over the source."""
+        if isinstance(source, ServiceConfig):
+            data = source.model_dump()
+        elif isinstance(source, (str, Path)):
+            import yaml
+
+            data = yaml.safe_load(Path(source).read_text()) or {}
+            if "applications" in data:  # a Serve config: take our application's args
+                data = data["applications"][0].get("args") or {}
+        else:
+            data = dict(source or {})
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)

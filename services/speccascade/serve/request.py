@@ -1,0 +1,134 @@
+"""proto GenerateRequest -> engine GenerationRequest: every request field is checked here, once.
+
+Each violation raises `ParamError(field, message)` naming the proto field and its allowed range;
+`errors.status_for` answers it with INVALID_ARGUMENT. The sampling and cascade objects validate
+their own ranges (speccascade.sampling), so those rules are not repeated here.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+from speccascade.engine.loop import GenerationRequest, Mode
+from speccascade.sampling import (CascadeParams, DeferralRule, ParamError, SamplingParams,
+                                  validate_num_draft_tokens)
+from speccascade.serve.config import ServiceConfig
+from speccascade.v1 import generation_pb2 as pb
+
+INT32_MAX = (1 << 31) - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_seq_len: int                # model context (the smaller of target and draft)
+    max_new_tokens: int
+    max_prompt_tokens: int
+    default_num_draft_tokens: int
+    max_num_draft_tokens: int
+    max_stop_strings: int
+    max_stop_string_chars: int
+    max_message_bytes: int
+
+    @classmethod
+    def from_config(cls, config: ServiceConfig, *, vocab_size: int, max_seq_len: int) -> "Limits":
+        return cls(vocab_size=vocab_size, max_seq_len=max_seq_len,
+                   max_new_tokens=config.max_new_tokens,
+                   max_prompt_tokens=min(config.max_prompt_tokens, max_seq_len - 1),
+                   default_num_draft_tokens=config.default_num_draft_tokens,
+                   max_num_draft_tokens=config.max_num_draft_tokens,
+                   max_stop_strings=config.max_stop_strings,
+                   max_stop_string_chars=config.max_stop_string_chars,
+                   max_message_bytes=config.max_message_bytes)
+
+
+def _prompt_ids(msg: pb.GenerateRequest, tokenizer, limits: Limits) -> list[int]:
+    if msg.prompt and msg.prompt_token_ids:
+        raise ParamError("prompt", "set either prompt or prompt_token_ids, not both")
+    if msg.prompt:
+        ids = tokenizer(msg.prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ParamError("prompt", "prompt tokenizes to no tokens")
+    elif msg.prompt_token_ids:
+        ids = list(msg.prompt_token_ids)
+        bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
+        if bad is not None:
+            raise ParamError("prompt_token_ids", f"prompt_token_ids must be in "
+                             f"[0, {limits.vocab_size}) (the vocabulary), got {bad}")
+    else:
+        raise ParamError("prompt", "prompt is empty: set prompt or prompt_token_ids")
+    if len(ids) > limits.max_prompt_tokens:
+        field = "prompt" if msg.prompt else "prompt_token_ids"
+        raise ParamError(field, f"{field} has {len(ids)} tokens; at most "
+                         f"{limits.max_prompt_tokens} are allowed")
+    return ids
+
+
+def _mode(msg: pb.GenerateRequest) -> Mode:
+    if msg.mode == pb.MODE_UNSPECIFIED:
+        return Mode.SPECULATIVE
+    try:
+        return Mode(msg.mode)
+    except ValueError:
+        names = ", ".join(m.name for m in Mode)
+        raise ParamError("mode", f"mode must be one of {names}, got {msg.mode}") from None
+
+
+def _cascade(msg: pb.GenerateRequest, mode: Mode) -> CascadeParams | None:
+    has_alpha = msg.HasField("deferral_threshold")
+    if mode != Mode.CASCADE:
+        if msg.deferral_rule != pb.DEFERRAL_RULE_UNSPECIFIED or has_alpha:
+            field = "deferral_rule" if msg.deferral_rule else "deferral_threshold"
+            raise ParamError(field, f"{field} applies to mode CASCADE only")
+        return None
+    if msg.deferral_rule == pb.DEFERRAL_RULE_UNSPECIFIED:
+        names = ", ".join(r.name for r in DeferralRule)
+        raise ParamError("deferral_rule", f"mode CASCADE needs deferral_rule, one of {names}")
+    if not has_alpha:
+        raise ParamError("deferral_threshold", "mode CASCADE needs deferral_threshold (alpha)")
+    return CascadeParams(msg.deferral_rule, msg.deferral_threshold)  # checks rule and α range
+
+
+def _stop(msg: pb.GenerateRequest, limits: Limits) -> tuple[str, ...]:
+    if len(msg.stop) > limits.max_stop_strings:
+        raise ParamError("stop", f"at most {limits.max_stop_strings} stop strings are allowed, "
+                         f"got {len(msg.stop)}")
+    for s in msg.stop:
+        if not s or len(s) > limits.max_stop_string_chars:
+            raise ParamError("stop", f"each stop string must have 1 to "
+                             f"{limits.max_stop_string_chars} characters, got {len(s)}")
+    return tuple(msg.stop)
+
+
+def to_generation_request(msg: pb.GenerateRequest, *, request_id: str, tokenizer,
+                          limits: Limits) -> GenerationRequest:
+    size = msg.ByteSize()
+    if size > limits.max_message_bytes:
+        raise ParamError("request", f"request is {size} bytes; at most "
+                         f"{limits.max_message_bytes} are allowed")
+    prompt_ids = _prompt_ids(msg, tokenizer, limits)
+    if not 1 <= msg.max_new_tokens <= limits.max_new_tokens:
+        raise ParamError("max_new_tokens", f"max_new_tokens must be in "
+                         f"[1, {limits.max_new_tokens}], got {msg.max_new_tokens}")
+    if len(prompt_ids) + msg.max_new_tokens > limits.max_seq_len:
+        raise ParamError("max_new_tokens", f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                         f"({msg.max_new_tokens}) exceeds the model context of "
+                         f"{limits.max_seq_len} tokens")
+    mode = _mode(msg)
+    gamma = msg.num_draft_tokens or limits.default_num_draft_tokens
+    validate_num_draft_tokens(gamma, limits.max_num_draft_tokens)
+    if not math.isfinite(msg.temperature):  # SamplingParams checks too; this names proto float32
+        raise ParamError("temperature", f"temperature must be finite, got {msg.temperature}")
+    # An unset seed is drawn here, once: every replica (and a fail-over replica) then draws the
+    # same random numbers for this request.
+    seed = msg.seed if msg.HasField("seed") else secrets.randbits(63)
+    sampling = SamplingParams(temperature=float(msg.temperature), top_k=msg.top_k,
+                              top_p=float(msg.top_p) if msg.HasField("top_p") else 1.0, seed=seed)
+    eos = tokenizer.eos_token_id
+    return GenerationRequest(
+        request_id=request_id, prompt_ids=prompt_ids, max_new_tokens=msg.max_new_tokens,
+        mode=mode, sampling=sampling, num_draft_tokens=gamma, cascade=_cascade(msg, mode),
+        stop=_stop(msg, limits), eos_token_ids=frozenset() if eos is None else frozenset([eos]),
+        pipelined=msg.pipelined if msg.HasField("pipelined") else True,
+        max_seq_len=limits.max_seq_len)

@@ -1,0 +1,199 @@
+"""Router: the gRPC ingress of the service (Serve's native gRPC proxy calls it).
+
+Method names equal the RPC names of `speccascade.v1.Generation`; `GenerateStream` is an async
+generator, which Serve serves as a server-streaming RPC. For each request the router validates
+the message (serve.request), adapts the drafter/verifier handles into the seam's interfaces with
+KV-cache affinity (serve.remote) and runs the shared generation loop (engine.loop), which holds the
+committed sequence. Every failure is answered through serve.errors, never as a bare INTERNAL.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+import uuid
+from typing import AsyncIterator
+
+from transformers import AutoConfig
+
+from speccascade.engine.loop import Delta, generate
+from speccascade.engine.seam import RequestStats
+from speccascade.models.loader import check_pair, load_tokenizer
+from speccascade.serve import errors
+from speccascade.serve.config import ServiceConfig
+from speccascade.serve.metrics import RouterMetrics
+from speccascade.serve.remote import RemoteDrafter, RemoteVerifier
+from speccascade.serve.request import Limits, to_generation_request
+from speccascade.v1 import generation_pb2 as pb
+
+FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, "length": pb.LENGTH, "stop": pb.STOP,
+                  "eos": pb.EOS}
+
+
+def stats_message(stats: RequestStats) -> pb.GenerationStats:
+    return pb.GenerationStats(
+        rounds=stats.rounds, drafted=stats.drafted, accepted=stats.accepted,
+        mean_accepted_length=stats.mean_accepted_length, deferrals=stats.deferrals,
+        ttft_ms=stats.ttft_ms, total_ms=stats.total_ms, draft_ms=stats.draft_ms,
+        verify_ms=stats.verify_ms, overlap_fraction=stats.overlap_fraction,
+        acceptance_rate=stats.acceptance_rate, replicas=sorted(stats.replicas))
+
+
+def is_loopback_peer(peer: str) -> bool:
+    """gRPC peer strings: "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path"."""
+    kind, _, address = peer.partition(":")
+    if kind == "unix":
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+class Router:
+    def __init__(self, drafter, verifier, config: ServiceConfig | dict):
+        self.config = cfg = ServiceConfig.load(config)
+        self._drafter, self._verifier = drafter, verifier
+        target_path, draft_path = cfg.model_paths()
+        check_pair(target_path, draft_path)
+        self.tokenizer = load_tokenizer(target_path)
+        target = AutoConfig.from_pretrained(target_path, local_files_only=True)
+        draft = AutoConfig.from_pretrained(draft_path, local_files_only=True)
+        self.limits = Limits.from_config(
+            cfg, vocab_size=target.vocab_size,
+            max_seq_len=min(target.max_position_embeddings, draft.max_position_embeddings))
+        self._inflight = 0
+        self._metrics = RouterMetrics()
+
+    # -- RPCs --------------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        ids, texts, last = [], [], None
+        try:
+            async with contextlib.aclosing(self._deltas(request, grpc_context)) as deltas:
+                async for delta in deltas:
+                    ids.extend(delta.token_ids)
+                    texts.append(delta.text)
+                    last = delta
+        except Exception as exc:  # noqa: BLE001 - every failure gets an explicit status
+            errors.set_status(grpc_context, exc)
+            return pb.GenerateResponse()
+        return pb.GenerateResponse(text="".join(texts), token_ids=ids,
+                                   finish_reason=FINISH_REASONS[last.finish_reason],
+                                   stats=stats_message(last.stats))
+
+    async def GenerateStream(self, request: pb.GenerateRequest,
+                             grpc_context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        # aclosing: a client that goes away closes this generator, and with it at once the loop,
+        # whose `finally` releases the request's KV entries.
+        try:
+            async with contextlib.aclosing(self._deltas(request, grpc_context)) as deltas:
+                async for delta in deltas:
+                    done = delta.finish_reason is not None
+                    yield pb.GenerateStreamResponse(
+                        text=delta.text, token_ids=delta.token_ids,
+                        finish_reason=FINISH_REASONS[delta.finish_reason],
+                        stats=stats_message(delta.stats) if done else None)
+        except Exception as exc:
+            # A stream can only end with an error by raising; Serve keeps the status set here.
+            raise errors.set_status(grpc_context, exc) from None
+
+    async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
+        limits = self.limits
+        serving, detail = True, "serving"
+        try:
+            self._check_peer(grpc_context)
+            await asyncio.wait_for(asyncio.gather(self._call(self._drafter, "stats"),
+                                                  self._call(self._verifier, "stats")), 10)
+        except errors.PeerNotAllowedError as exc:
+            errors.set_status(grpc_context, exc)
+            return pb.HealthResponse()
+        except Exception as exc:  # noqa: BLE001 - reported in the response, not as a status
+            serving, detail = False, errors.status_for(exc)[1]
+        return pb.HealthResponse(
+            serving=serving, detail=detail, vocab_size=limits.vocab_size,
+            max_seq_len=limits.max_seq_len, max_new_tokens=limits.max_new_tokens,
+            default_num_draft_tokens=limits.default_num_draft_tokens,
+            max_num_draft_tokens=limits.max_num_draft_tokens)
+
+    async def Stats(self, request: pb.StatsRequest, grpc_context) -> pb.StatsResponse:
+        try:
+            self._check_peer(grpc_context)
+            found = await asyncio.gather(self._every_replica(self._drafter),
+                                         self._every_replica(self._verifier))
+        except Exception as exc:  # noqa: BLE001
+            errors.set_status(grpc_context, exc)
+            return pb.StatsResponse()
+        replicas = [pb.ReplicaStats(role=s["role"], replica=s["replica"],
+                                    live_sequences=s["live_sequences"], batches=s["batches"],
+                                    batched_calls=s["batched_calls"])
+                    for side in found for s in sorted(side, key=lambda s: s["replica"])]
+        return pb.StatsResponse(replicas=replicas, router_inflight=self._inflight)
+
+    # -- helpers -----------------------------------------------------------------------------
+    async def _deltas(self, message: pb.GenerateRequest, grpc_context) -> AsyncIterator[Delta]:
+        """Admission, validation and the loop, with metrics; raises on any failure."""
+        self._check_peer(grpc_context)
+        if self._inflight >= self.config.router_queue_cap:
+            raise errors.QueueFullError(f"router has {self._inflight} requests in flight "
+                                        f"(router_queue_cap={self.config.router_queue_cap})")
+        self._inflight += 1
+        self._metrics.inflight.set(self._inflight)
+        mode, status, stats, num_tokens = "invalid", "error", None, 0
+        try:
+            request = to_generation_request(message, request_id=uuid.uuid4().hex,
+                                            tokenizer=self.tokenizer, limits=self.limits)
+            mode = request.mode.name.lower()
+            retry = dict(attempts=self.config.replica_retry_attempts,
+                         backoff_s=self.config.replica_retry_backoff_s)
+            drafter = RemoteDrafter(self._drafter, request.request_id, **retry)
+            verifier = RemoteVerifier(self._verifier, request.request_id, **retry)
+            last = time.perf_counter()
+            async with contextlib.aclosing(generate(request, drafter, verifier,
+                                                    self.tokenizer)) as deltas:
+                async for delta in deltas:
+                    now = time.perf_counter()
+                    self._metrics.round(mode, (now - last) * 1000, len(delta.token_ids))
+                    last, stats = now, delta.stats
+                    num_tokens += len(delta.token_ids)
+                    yield delta
+            status = "ok"
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception as exc:
+            status = errors.status_for(exc)[0].name.lower()
+            raise
+        finally:
+            self._inflight -= 1
+            self._metrics.inflight.set(self._inflight)
+            self._metrics.finished(mode, status, stats, num_tokens)
+
+    def _check_peer(self, grpc_context) -> None:
+        if self.config.is_loopback and not is_loopback_peer(grpc_context.peer()):
+            raise errors.PeerNotAllowedError(
+                f"this service accepts loopback clients only (host={self.config.host})")
+
+    @staticmethod
+    async def _call(handle, method: str, *args, session_id: str | None = None):
+        if session_id is not None:
+            handle = handle.options(session_id=session_id)
+        return await handle.options(method_name=method).remote(*args)
+
+    async def _every_replica(self, handle, max_probes: int = 64) -> list[dict]:
+        """`stats` of every replica of a deployment. Calls are routed by consistent hashing, so
+        random session ids spread over the ring; stop once as many replicas answered as the
+        deployment reports running (its world size). One probe at a time: see serve.remote on
+        concurrent calls of one request."""
+        seen: dict[str, dict] = {}
+        expected = 1
+        for _ in range(max_probes):
+            answer = await self._call(handle, "stats", session_id=f"stats-{uuid.uuid4().hex}")
+            seen[answer["replica"]] = answer
+            expected = max(expected, answer["world_size"])
+            if len(seen) >= expected:
+                break
+        return list(seen.values())

@@ -1,0 +1,226 @@
+"""The service's pure parts without Ray: config, request validation, status mapping, batching."""
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+from conftest import make_tokenizer
+
+from speccascade.engine.loop import Mode
+from speccascade.models.runner import CapacityError, ContextLengthError
+from speccascade.sampling import DeferralRule, ParamError
+from speccascade.serve import errors
+from speccascade.serve.config import ServiceConfig
+from speccascade.serve.replica import _isolated
+from speccascade.serve.request import Limits, to_generation_request
+from speccascade.serve.router import is_loopback_peer
+from speccascade.v1 import generation_pb2 as pb
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def limits(tokenizer):
+    return Limits.from_config(ServiceConfig(max_new_tokens=64, max_stop_strings=2,
+                                            max_stop_string_chars=8, max_message_bytes=4096),
+                              vocab_size=len(tokenizer), max_seq_len=128)
+
+
+def convert(tokenizer, limits, **fields):
+    fields.setdefault("max_new_tokens", 8)
+    if "prompt_token_ids" not in fields:
+        fields.setdefault("prompt", "def f1(x):")
+    return to_generation_request(pb.GenerateRequest(**fields), request_id="r", tokenizer=tokenizer,
+                                 limits=limits)
+
+
+# -- config ------------------------------------------------------------------------------------
+def test_config_defaults_are_the_embedded_pair_on_loopback():
+    config = ServiceConfig()
+    target, draft = config.model_paths()
+    assert target.name == "target" and draft.name == "draft"
+    assert config.host == "127.0.0.1" and config.is_loopback and config.grpc_port == 9000
+    options = config.verifier.serve_options()
+    assert options["num_replicas"] == 1 and options["ray_actor_options"]["num_gpus"] == 0
+
+
+@pytest.mark.parametrize("bad", [
+    {"verfier": {}},                                                     # typo: unknown key
+    {"verifier": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 2}}},
+    {"default_num_draft_tokens": 9, "max_num_draft_tokens": 8},
+    {"target": {"dtype": "int8"}},
+    {"grpc_port": 0},
+    {"drafter": {"ray_actor_options": {"num_cpus": -1}}},
+    {"router_queue_cap": 1000},                                          # above max_ongoing
+])
+def test_config_rejects(bad):
+    with pytest.raises(ValueError):
+        ServiceConfig.load(bad)
+
+
+def test_config_autoscaling_and_yaml_round_trip(tmp_path):
+    config = ServiceConfig.load({"drafter": {"autoscaling_config": {"min_replicas": 1,
+                                                                    "max_replicas": 3}}})
+    assert "num_replicas" not in config.drafter.serve_options()
+    assert ServiceConfig.load(config.model_dump()) == config
+    serve_yaml = tmp_path / "serve.yaml"
+    serve_yaml.write_text("applications:\n- name: x\n  import_path: a:b\n  args:\n"
+                          "    max_new_tokens: 7\n")
+    assert ServiceConfig.load(serve_yaml, grpc_port=9100).max_new_tokens == 7
+
+
+def test_deploy_serve_yaml_builds_the_app_as_serve_run_does():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.utils import import_attr
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    [app] = schema.applications
+    assert "generation_pb2_grpc.add_GenerationServicer_to_server" in \
+        schema.grpc_options.grpc_servicer_functions[0]
+    assert ServiceConfig.load(path).grpc_port == schema.grpc_options.port
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
+    assert isinstance(built, Application)
+
+
+# -- request validation ------------------------------------------------------------------------
+def test_valid_request_converts(tokenizer, limits):
+    request = convert(tokenizer, limits, mode=pb.CASCADE, deferral_rule=pb.DIFF,
+                      deferral_threshold=-1.0, temperature=0.5, top_p=0.9, top_k=5, seed=7,
+                      stop=["\n\n"], pipelined=False)
+    assert request.mode == Mode.CASCADE and request.cascade.rule == DeferralRule.DIFF
+    assert request.sampling.seed == 7 and math.isclose(request.sampling.top_p, 0.9, rel_tol=1e-6)
+    assert request.num_draft_tokens == limits.default_num_draft_tokens
+    assert request.stop == ("\n\n",) and not request.pipelined
+    assert request.eos_token_ids == frozenset([tokenizer.eos_token_id])
+
+
+def test_defaults(tokenizer, limits):
+    request = convert(tokenizer, limits)
+    assert request.mode == Mode.SPECULATIVE and request.cascade is None and request.pipelined
+    assert request.sampling.greedy and request.sampling.top_p == 1.0
+    other = convert(tokenizer, limits)
+    assert request.sampling.seed != other.sampling.seed  # unset seed: drawn per request
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "x", "prompt_token_ids": [1]}, "prompt"),
+    ({"prompt_token_ids": [-1]}, "prompt_token_ids"),
+    ({"prompt_token_ids": [100000]}, "prompt_token_ids"),
+    ({"prompt_token_ids": [1] * 200}, "prompt_token_ids"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": -3}, "max_new_tokens"),
+    ({"max_new_tokens": 65}, "max_new_tokens"),
+    ({"prompt_token_ids": [1] * 100, "max_new_tokens": 64}, "max_new_tokens"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"mode": 9}, "mode"),
+    ({"num_draft_tokens": -1}, "num_draft_tokens"),
+    ({"num_draft_tokens": 17}, "num_draft_tokens"),
+    ({"mode": pb.CASCADE, "deferral_threshold": 0.1}, "deferral_rule"),
+    ({"mode": pb.CASCADE, "deferral_rule": pb.CHOW}, "deferral_threshold"),
+    ({"mode": pb.CASCADE, "deferral_rule": 42, "deferral_threshold": 0.1}, "deferral_rule"),
+    ({"mode": pb.CASCADE, "deferral_rule": pb.CHOW, "deferral_threshold": 1.5},
+     "deferral_threshold"),
+    ({"mode": pb.CASCADE, "deferral_rule": pb.OPT, "deferral_threshold": float("inf")},
+     "deferral_threshold"),
+    ({"deferral_rule": pb.CHOW}, "deferral_rule"),
+    ({"deferral_threshold": 0.5}, "deferral_threshold"),
+    ({"stop": ["a", "b", "c"]}, "stop"),
+    ({"stop": [""]}, "stop"),
+    ({"stop": ["123456789"]}, "stop"),
+    ({"prompt": "x" * 5000}, "request"),
+])
+def test_invalid_fields_name_the_field(tokenizer, limits, fields, field):
+    with pytest.raises(ParamError) as error:
+        convert(tokenizer, limits, **fields)
+    assert error.value.field == field
+    code, details = errors.status_for(error.value)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details
+
+
+# -- status mapping ----------------------------------------------------------------------------
+def test_status_mapping():
+    from ray.exceptions import ActorDiedError
+
+    assert errors.status_for(ContextLengthError("too long"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert errors.status_for(CapacityError("full"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert errors.status_for(errors.QueueFullError("q"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert errors.status_for(TimeoutError())[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert errors.status_for(ActorDiedError())[0] == grpc.StatusCode.UNAVAILABLE
+    assert errors.status_for(errors.ReplicaFailedError("x"))[0] == grpc.StatusCode.UNAVAILABLE
+    assert errors.status_for(errors.PeerNotAllowedError("x"))[0] == \
+        grpc.StatusCode.PERMISSION_DENIED
+    code, details = errors.status_for(KeyError("secret internals"))
+    assert code == grpc.StatusCode.INTERNAL and "secret" not in details
+    assert errors.status_for(ValueError("no field"))[0] == grpc.StatusCode.INTERNAL
+
+
+def test_set_status_returns_a_picklable_abort():
+    import pickle
+
+    class Context:
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+    context = Context()
+    abort = errors.set_status(context, ParamError("top_k", "top_k must be >= 0"))
+    assert context.code == grpc.StatusCode.INVALID_ARGUMENT and "top_k" in context.details
+    assert str(pickle.loads(pickle.dumps(abort))) == str(abort)
+
+
+def test_loopback_peers():
+    assert is_loopback_peer("ipv4:127.0.0.1:5000")
+    assert is_loopback_peer("ipv6:[::1]:5000")
+    assert is_loopback_peer("ipv6:[::ffff:127.0.0.1]:5000")
+    assert not is_loopback_peer("ipv4:10.1.2.3:5000")
+    assert not is_loopback_peer("ipv6:[2001:db8::1]:443")
+
+
+# -- batch isolation ---------------------------------------------------------------------------
+class Item:
+    def __init__(self, seq_id, bad=False):
+        self.seq_id, self.bad = seq_id, bad
+
+
+def test_one_bad_request_does_not_fail_its_batch():
+    calls = []
+
+    def batch_fn(items):
+        calls.append([i.seq_id for i in items])
+        if any(i.bad for i in items):
+            raise CapacityError("full")
+        return [i.seq_id.upper() for i in items]
+
+    results = _isolated(batch_fn, [Item("a"), Item("b", bad=True), Item("c")])
+    assert results[0] == "A" and results[2] == "C" and isinstance(results[1], CapacityError)
+
+
+def test_repeated_sequence_goes_to_separate_forwards():
+    calls = []
+
+    def batch_fn(items):
+        ids = [i.seq_id for i in items]
+        assert len(set(ids)) == len(ids)
+        calls.append(ids)
+        return ids
+
+    assert _isolated(batch_fn, [Item("a"), Item("a"), Item("b")]) == ["a", "a", "b"]
+    assert calls == [["a", "b"], ["a"]]
