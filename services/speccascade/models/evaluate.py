@@ -41,7 +41,11 @@ def line_completion_tasks(n: int = 200, seed: int = 0, max_prompt_chars: int = 1
     for path, i in rng.sample(candidates, n):
         lines = read_text(path).splitlines(keepends=True)
         prefix = "".join(lines[:i])[-max_prompt_chars:]
-        tasks.append(LineTask(prefix, lines[i].rstrip("\n")))
+        line = lines[i].rstrip("\n")
+        indent = line[: len(line) - len(line.lstrip())]
+        # The prompt ends inside the line (after its indentation): ending at the newline would let
+        # the stop string "\n" fire on the model's first token, which often starts with one.
+        tasks.append(LineTask(prefix + indent, line.strip()))
     return tasks
 
 
