@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from speccascade.models.loader import default_pair_paths
@@ -107,16 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=_generate)
 
     # The service, its client and the benchmarks register their own subcommands.
-    for module, adders in [("speccascade.serve.cli", ["add_serve_parser", "add_client_parser"]),
-                           ("speccascade.bench.cli", ["add_bench_parser"])]:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            if error.name and error.name.startswith("speccascade"):
-                continue  # not built yet in this checkout
-            raise
-        for adder in adders:
-            getattr(mod, adder)(sub)
+    from speccascade.bench.cli import add_bench_parser
+    from speccascade.serve.cli import add_client_parser, add_serve_parser
+
+    for adder in (add_serve_parser, add_client_parser, add_bench_parser):
+        adder(sub)
     return parser
 
 
