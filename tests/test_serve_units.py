@@ -102,12 +102,16 @@ def test_valid_request_converts(tokenizer, limits):
     assert request.num_draft_tokens == limits.default_num_draft_tokens
     assert request.stop == ("\n\n",) and not request.pipelined
     assert request.eos_token_ids == frozenset([tokenizer.eos_token_id])
+    adaptive = convert(tokenizer, limits, adaptive_num_draft_tokens=True, draft_stop_below=0.4)
+    assert adaptive.adaptive and adaptive.max_num_draft_tokens == limits.max_num_draft_tokens
+    assert math.isclose(adaptive.draft_stop_below, 0.4, rel_tol=1e-6)
 
 
 def test_defaults(tokenizer, limits):
     request = convert(tokenizer, limits)
     assert request.mode == Mode.SPECULATIVE and request.cascade is None and request.pipelined
     assert request.sampling.greedy and request.sampling.top_p == 1.0
+    assert not request.adaptive and request.draft_stop_below == 0.0
     other = convert(tokenizer, limits)
     assert request.sampling.seed != other.sampling.seed  # unset seed: drawn per request
 
@@ -140,6 +144,8 @@ def test_defaults(tokenizer, limits):
      "deferral_threshold"),
     ({"deferral_rule": pb.CHOW}, "deferral_rule"),
     ({"deferral_threshold": 0.5}, "deferral_threshold"),
+    ({"draft_stop_below": 1.0}, "draft_stop_below"),
+    ({"draft_stop_below": -0.1}, "draft_stop_below"),
     ({"stop": ["a", "b", "c"]}, "stop"),
     ({"stop": [""]}, "stop"),
     ({"stop": ["123456789"]}, "stop"),

@@ -118,6 +118,9 @@ def to_generation_request(msg: pb.GenerateRequest, *, request_id: str, tokenizer
     mode = _mode(msg)
     gamma = msg.num_draft_tokens or limits.default_num_draft_tokens
     validate_num_draft_tokens(gamma, limits.max_num_draft_tokens)
+    if not (math.isfinite(msg.draft_stop_below) and 0 <= msg.draft_stop_below < 1):
+        raise ParamError("draft_stop_below", f"draft_stop_below must be in [0, 1), got "
+                         f"{msg.draft_stop_below}")
     if not math.isfinite(msg.temperature):  # SamplingParams checks too; this names proto float32
         raise ParamError("temperature", f"temperature must be finite, got {msg.temperature}")
     # An unset seed is drawn here, once: every replica (and a fail-over replica) then draws the
@@ -131,4 +134,5 @@ def to_generation_request(msg: pb.GenerateRequest, *, request_id: str, tokenizer
         mode=mode, sampling=sampling, num_draft_tokens=gamma, cascade=_cascade(msg, mode),
         stop=_stop(msg, limits), eos_token_ids=frozenset() if eos is None else frozenset([eos]),
         pipelined=msg.pipelined if msg.HasField("pipelined") else True,
-        max_seq_len=limits.max_seq_len)
+        adaptive=msg.adaptive_num_draft_tokens, max_num_draft_tokens=limits.max_num_draft_tokens,
+        draft_stop_below=float(msg.draft_stop_below), max_seq_len=limits.max_seq_len)
