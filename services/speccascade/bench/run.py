@@ -20,7 +20,8 @@ from speccascade.bench.measure import run_concurrent, run_sequential, summarize
 from speccascade.bench.peers import (engine_generate, hf_generate, sequential_cascade,
                                      target_log_likelihood)
 from speccascade.bench.workload import quality_tasks, throughput_prompts
-from speccascade.models.evaluate import edit_similarity, exact_match, first_line, step_ms
+from speccascade.models.evaluate import (LINE_TOKENS, edit_similarity, exact_match, predicted_line,
+                                         step_ms)
 from speccascade.sampling import DRAFT_END, SD_END, DeferralRule
 
 
@@ -142,8 +143,8 @@ def _service_runs(client, plan, prompts, tasks, target, engine) -> dict:
                 num_draft_tokens=plan.gamma)
     with tqdm(total=len(cascade_configs) * len(tasks), desc="service: cascades", unit="task") as bar:
         for name, fields in cascade_configs.items():
-            runs = run_sequential(client, [t.prompt for t in tasks], bar, max_new_tokens=48,
-                                  stop=["\n"], **fields)
+            runs = run_sequential(client, [t.prompt for t in tasks], bar,
+                                  max_new_tokens=LINE_TOKENS, **fields)
             out["cascade"][name] = {**summarize(runs), **_quality(runs, tasks, target, engine),
                                     "fields": fields}
 
@@ -161,7 +162,7 @@ def _service_runs(client, plan, prompts, tasks, target, engine) -> dict:
 
 
 def _quality(runs, tasks, target, engine) -> dict:
-    preds = [first_line(r.text) for r in runs]
+    preds = [predicted_line(r.text) for r in runs]
     answers = [t.answer for t in tasks]
     loglik = [target_log_likelihood(target, engine.encode(t.prompt), r.token_ids)
               for t, r in zip(tasks, runs)]
@@ -179,9 +180,9 @@ def _sequential_cascades(plan, tasks, engine, target, draft) -> dict:
             for task in tasks:
                 runs.append(sequential_cascade(target, draft, engine.tokenizer,
                                                engine.encode(task.prompt), alpha=alpha,
-                                               max_new_tokens=48, stop=("\n",)))
+                                               max_new_tokens=LINE_TOKENS))
                 bar.update()
-            preds = [first_line(r["text"]) for r in runs]
+            preds = [predicted_line(r["text"]) for r in runs]
             out[f"CHOW α={alpha:g}"] = {
                 "latency_ms_mean": sum(r["total_ms"] for r in runs) / len(runs),
                 "exact_match": sum(map(exact_match, preds, [t.answer for t in tasks])) / len(tasks),

@@ -40,14 +40,24 @@ class BuildConfig:
     max_position_embeddings: int = 1024
     threads: int = 2
     target: Shape = field(default_factory=lambda: Shape(384, 1024, 8, 6))  # 17 M params
-    draft: Shape = field(default_factory=lambda: Shape(192, 512, 2, 3))  # 2.5 M params
+    draft: Shape = field(default_factory=lambda: Shape(192, 512, 3, 3))  # 3.4 M params
     target_steps: int = 1200
     target_batch: int = 16
     target_lr: float = 2e-3
-    draft_steps: int = 600
+    draft_steps: int = 1500
     draft_batch: int = 16
     draft_lr: float = 3e-3
     warmup_steps: int = 40
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 autocast is ~3× faster than fp32 on CPUs with AVX-512 BF16 or AMX, and several times
+    slower where it is emulated (measured: 8 s vs 1 s for a target forward on a CPU without it)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path):
@@ -106,6 +116,7 @@ def train(model, stream, cfg: BuildConfig, steps: int, batch: int, lr: float, de
           teacher=None) -> list[float]:
     """Next-token CE, or forward KL(p_teacher || q_student) when a teacher is given."""
     gen = torch.Generator().manual_seed(cfg.seed + (1 if teacher is None else 2))
+    use_bf16 = cpu_has_fast_bf16()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     losses: list[float] = []
@@ -114,7 +125,7 @@ def train(model, stream, cfg: BuildConfig, steps: int, batch: int, lr: float, de
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, cfg.warmup_steps)
         inputs, labels = window[:, :-1], window[:, 1:]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(inputs).logits.float()  # [batch, seq_len, vocab]
             if teacher is None:
                 loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
@@ -140,32 +151,53 @@ def save(model, tok, out_dir: Path) -> None:
     model.float()
 
 
-def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig()) -> Path:
+def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
+          draft_only: bool = False) -> Path:
+    """Train the tokenizer, the target and the distilled draft into out_dir.
+
+    draft_only: keep the tokenizer and target already in out_dir and redo only the draft stage.
+    The target was saved in bf16 and distillation always reads those bf16 weights, so a resumed
+    build distills exactly the draft a full build would.
+    """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     started = time.time()
     out_dir = Path(out_dir)
     train_files, held_out = split_files()
     print(f"corpus: {len(train_files)} training files, {len(held_out)} held out")
-    tok = train_tokenizer(train_files, cfg.vocab_size, out_dir / "tokenizer")
-    stream = encode_corpus(tok, train_files)
-    print(f"training stream: {len(stream):,} tokens")
+    log_path = out_dir / "build_log.json"
+    log = json.loads(log_path.read_text()) if draft_only else {}
+    if draft_only:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = make_model(cfg.target, cfg, tok)
-    target_losses = train(target, stream, cfg, cfg.target_steps, cfg.target_batch, cfg.target_lr,
-                          "target")
-    save(target, tok, out_dir / "target")
+        tok = AutoTokenizer.from_pretrained(out_dir / "target", local_files_only=True)
+        target = AutoModelForCausalLM.from_pretrained(out_dir / "target", local_files_only=True,
+                                                      dtype=torch.float32)
+        stream = encode_corpus(tok, train_files)
+    else:
+        tok = train_tokenizer(train_files, cfg.vocab_size, out_dir / "tokenizer")
+        stream = encode_corpus(tok, train_files)
+        print(f"training stream: {len(stream):,} tokens")
+        target = make_model(cfg.target, cfg, tok)
+        target_losses = train(target, stream, cfg, cfg.target_steps, cfg.target_batch,
+                              cfg.target_lr, "target")
+        save(target, tok, out_dir / "target")
+        log["target_minutes"] = (time.time() - started) / 60
+        log["target_final_loss"] = sum(target_losses[-20:]) / 20
+    target.eval()
 
+    draft_started = time.time()
     torch.manual_seed(cfg.seed + 1)
     draft = make_model(cfg.draft, cfg, tok)
     draft_losses = train(draft, stream, cfg, cfg.draft_steps, cfg.draft_batch, cfg.draft_lr,
                          "draft (distilled)", teacher=target)
     save(draft, tok, out_dir / "draft")
 
-    log = {"config": asdict(cfg), "train_tokens": len(stream), "minutes": (time.time() - started) / 60,
-           "target_final_loss": sum(target_losses[-20:]) / 20,
-           "draft_final_kl": sum(draft_losses[-20:]) / 20,
-           "held_out_files": [f.relative_to(stdlib_root()).as_posix() for f in held_out]}
-    (out_dir / "build_log.json").write_text(json.dumps(log, indent=1))
-    print(f"built {out_dir} in {log['minutes']:.1f} min")
+    log.update({"config": asdict(cfg), "train_tokens": len(stream),
+                "draft_minutes": (time.time() - draft_started) / 60,
+                "draft_bf16_autocast": cpu_has_fast_bf16(),
+                "draft_final_kl": sum(draft_losses[-20:]) / 20,
+                "held_out_files": [f.relative_to(stdlib_root()).as_posix() for f in held_out]})
+    log_path.write_text(json.dumps(log, indent=1))
+    print(f"built {out_dir} in {(time.time() - started) / 60:.1f} min")
     return out_dir

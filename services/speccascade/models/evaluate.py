@@ -3,7 +3,7 @@
     speccascade models eval [--target DIR --draft DIR] [--out card.json]
 
 Line completion: at a sampled line of a held-out file, the model sees the file up to that line and
-greedily writes one line; exact match compares stripped lines, edit similarity is difflib's ratio.
+greedily writes on; its next line is compared with the file's; exact match compares stripped lines, edit similarity is difflib's ratio.
 """
 from __future__ import annotations
 
@@ -21,10 +21,13 @@ from tqdm import tqdm
 from speccascade.models.corpus import read_text, split_files
 
 
+LINE_TOKENS = 32  # enough for the rest of the prompt's line, the newline and the whole next line
+
+
 @dataclass(frozen=True)
 class LineTask:
-    prompt: str     # file text up to the start of the line
-    answer: str     # the line itself, without its newline
+    prompt: str     # file text up to the end of the previous non-blank line
+    answer: str     # the line itself, stripped
 
 
 def line_completion_tasks(n: int = 200, seed: int = 0, max_prompt_chars: int = 1200) -> list[LineTask]:
@@ -40,12 +43,12 @@ def line_completion_tasks(n: int = 200, seed: int = 0, max_prompt_chars: int = 1
     tasks = []
     for path, i in rng.sample(candidates, n):
         lines = read_text(path).splitlines(keepends=True)
-        prefix = "".join(lines[:i])[-max_prompt_chars:]
-        line = lines[i].rstrip("\n")
-        indent = line[: len(line) - len(line.lstrip())]
-        # The prompt ends inside the line (after its indentation): ending at the newline would let
-        # the stop string "\n" fire on the model's first token, which often starts with one.
-        tasks.append(LineTask(prefix + indent, line.strip()))
+        # The prompt ends at the last non-blank character before the line. Byte-level BPE merges a
+        # newline with the indentation after it, and a space with the word after it, so a prompt
+        # cut at the newline or after the indentation ends in a token the model never saw there
+        # (the token-healing problem); this cut is a clean token boundary.
+        prefix = "".join(lines[:i]).rstrip()[-max_prompt_chars:]
+        tasks.append(LineTask(prefix, lines[i].strip()))
     return tasks
 
 
@@ -57,8 +60,9 @@ def edit_similarity(prediction: str, answer: str) -> float:
     return difflib.SequenceMatcher(None, prediction.strip(), answer.strip()).ratio()
 
 
-def first_line(text: str) -> str:
-    return text.split("\n", 1)[0]
+def predicted_line(text: str) -> str:
+    """The model's next line: the first non-blank line after the end of the prompt's line."""
+    return next((line for line in text.split("\n")[1:] if line.strip()), "")
 
 
 @torch.inference_mode()
@@ -140,9 +144,9 @@ def evaluate(target_dir, draft_dir, *, tasks: int = 200, threads: int = 1, dtype
         line_tasks = line_completion_tasks(tasks)
         for mode in (Mode.TARGET, Mode.DRAFT):
             results = engine.generate([engine.request(t.prompt, f"{mode.name}{i}", mode=mode,
-                                                      max_new_tokens=48, stop=("\n",))
+                                                      max_new_tokens=LINE_TOKENS)
                                        for i, t in enumerate(line_tasks)])
-            preds = [first_line(r.text) for r in results]
+            preds = [predicted_line(r.text) for r in results]
             name = mode.name.lower()
             card[f"{name}_line_exact_match"] = sum(map(exact_match, preds, [t.answer for t in line_tasks])) / len(line_tasks)
             card[f"{name}_line_edit_similarity"] = sum(map(edit_similarity, preds, [t.answer for t in line_tasks])) / len(line_tasks)
