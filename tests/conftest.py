@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Hugging Face checkpoints saved to disk, loaded like real ones."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,45 @@ def tiny_twins(tmp_path_factory) -> tuple[Path, Path]:
     tok = make_tokenizer()
     return (save_tiny_model(root / "target", tok, seed=1, hidden=48, layers=3),
             save_tiny_model(root / "draft", tok, seed=1, hidden=48, layers=3))
+
+
+# -- a real local service (Ray Serve + gRPC on loopback) for the e2e test modules --------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_service_config(tiny_pair, **overrides):
+    """A ServiceConfig for conftest's tiny pair: two drafter and two verifier replicas, free ports.
+    float64 keeps batched and one-at-a-time forwards bit-identical on these random weights."""
+    from speccascade.serve.config import ServiceConfig
+
+    target, draft = tiny_pair
+    replica = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25},
+               "health_check_period_s": 1.0}
+    return ServiceConfig.load({
+        "target": {"path": str(target), "dtype": "float64"},
+        "draft": {"path": str(draft), "dtype": "float64"},
+        "grpc_port": free_port(), "http_port": free_port(),
+        "drafter": replica, "verifier": replica,
+        "router": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 512},
+        **overrides})
+
+
+@contextlib.contextmanager
+def running_service(config, *, num_cpus: float = 4, timeout: float = 60):
+    """Start the service, yield a SpecCascadeClient to it, always tear Ray down."""
+    from speccascade.client import SpecCascadeClient
+    from speccascade.serve import launch
+
+    try:
+        client = SpecCascadeClient(launch.start(config, num_cpus=num_cpus), timeout=timeout)
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        launch.stop()

@@ -85,7 +85,7 @@ def test_deploy_serve_yaml_builds_the_app_as_serve_run_does():
     path = Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml"
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     [app] = schema.applications
-    assert "generation_pb2_grpc.add_GenerationServicer_to_server" in \
+    assert "ingress.add_GenerationServicer_to_server" in \
         schema.grpc_options.grpc_servicer_functions[0]
     assert ServiceConfig.load(path).grpc_port == schema.grpc_options.port
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)

@@ -8,12 +8,12 @@ The kill test runs last: it leaves Serve starting a replacement replica.
 """
 from __future__ import annotations
 
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from conftest import running_service, tiny_service_config
 
 pytestmark = pytest.mark.e2e
 
@@ -23,35 +23,10 @@ MAX_NEW = 24
 SD_END = [("CHOW", 0.0), ("DIFF", -1.0), ("TOKEN_V1", -1.0), ("TOKEN_V2", -1.0)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(tiny_pair):
-    from speccascade.client import SpecCascadeClient
-    from speccascade.serve import launch
-    from speccascade.serve.config import ServiceConfig
-
-    target, draft = tiny_pair
-    replica = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25},
-               "health_check_period_s": 1.0}
-    config = ServiceConfig.load({
-        # float64 keeps batched and one-at-a-time forwards bit-identical on these random weights
-        "target": {"path": str(target), "dtype": "float64"},
-        "draft": {"path": str(draft), "dtype": "float64"},
-        "grpc_port": _free_port(), "http_port": _free_port(),
-        "drafter": replica, "verifier": replica,
-        "router": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 512}})
-    address = launch.start(config, num_cpus=4)
-    client = SpecCascadeClient(address, timeout=60)
-    try:
+    with running_service(tiny_service_config(tiny_pair)) as client:
         yield client
-    finally:
-        client.close()
-        launch.stop()
 
 
 @pytest.fixture(scope="module")

@@ -188,15 +188,30 @@ async def generate(request: GenerationRequest, drafter: Drafter, verifier: Verif
         await _release(state)
 
 
+# Releases still running after their request's task was cancelled again (kept referenced).
+_RELEASING: set[asyncio.Future] = set()
+
+
 async def _release(state: _State) -> None:
-    """Free this request's KV entries on both sides, whatever ended the request."""
+    """Free this request's KV entries on both sides, whatever ended the request.
+
+    Shielded as a whole: a request that was cancelled can be cancelled again while it unwinds
+    (Ray Serve does so to a unary call whose gRPC client went away — measured: the second release
+    never ran and the verifier kept the entry). Then the releases finish in the background."""
+    task = asyncio.ensure_future(_release_both(state))
+    _RELEASING.add(task)
+    task.add_done_callback(_RELEASING.discard)
+    await asyncio.shield(task)
+
+
+async def _release_both(state: _State) -> None:
     seq_id = state.request.request_id
     if state.speculation is not None:  # let the drafter finish first, or it would re-create the entry
         with contextlib.suppress(BaseException):
             await state.speculation.task
     for side in (state.drafter, state.verifier):
         with contextlib.suppress(Exception):
-            await asyncio.shield(side.release(seq_id))
+            await side.release(seq_id)
 
 
 async def generate_all(request: GenerationRequest, drafter: Drafter, verifier: Verifier,

@@ -17,7 +17,8 @@ from speccascade.serve.drafter import Drafter
 from speccascade.serve.router import Router
 from speccascade.serve.verifier import Verifier
 
-GRPC_SERVICER = "speccascade.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+# The generated servicer function with a request decoder that reports undecodable fields.
+GRPC_SERVICER = "speccascade.serve.ingress.add_GenerationServicer_to_server"
 
 
 def _affinity(config: ServiceConfig) -> RequestRouterConfig:

@@ -91,6 +91,9 @@ class ServiceConfig(_Strict):
     # -- capacity (beyond them RESOURCE_EXHAUSTED, never an out-of-memory crash) --------------
     max_live_seqs: PositiveInt = 64               # KV entries per drafter/verifier replica
     router_queue_cap: PositiveInt = 256           # requests in flight per router replica
+    # -- deadlines: Serve's gRPC proxy cancels the router's call when the client's deadline passes
+    # or the client cancels (measured, see SECURITY.md); this caps requests that set no deadline.
+    request_timeout_s: float = Field(600.0, gt=0)
     # -- fail-over: retries of one drafter/verifier call after its replica died ---------------
     replica_retry_attempts: int = Field(5, ge=0)
     replica_retry_backoff_s: float = Field(0.2, gt=0)

@@ -9,6 +9,7 @@ from it and the output is unchanged; the router's committed sequence stays the s
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 
 from ray.exceptions import RayActorError
@@ -57,8 +58,13 @@ class _Remote:
                 await asyncio.sleep(self._backoff_s * 2 ** attempt)
 
     async def release(self, seq_id: str) -> None:
-        # No retry: a replica that died took the sequence's cache with it.
-        await self._send(self._handle.options(method_name="release"), seq_id)
+        # No retry: a replica that died took the sequence's cache with it. Sent from an empty
+        # context, i.e. not as a child call of the request: Serve cancels the in-flight child calls
+        # of a cancelled request (client cancel or deadline), and this call must still arrive.
+        handle = self._handle.options(method_name="release")
+        call = asyncio.get_running_loop().create_task(self._send(handle, seq_id),
+                                                      context=contextvars.Context())
+        await asyncio.shield(call)
 
 
 class RemoteDrafter(_Remote):

@@ -7,6 +7,7 @@ so calls arriving during a forward queue up in `@serve.batch` and share the next
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -103,7 +104,7 @@ class ModelReplica:
     async def stats(self) -> dict[str, Any]:
         return {"role": self.role, "replica": self.worker.replica_name,
                 "live_sequences": self.worker.live_sequences(), "world_size": world_size(),
-                "batches": self._batches, "batched_calls": self._batched_calls}
+                "batches": self._batches, "batched_calls": self._batched_calls, "pid": os.getpid()}
 
 
 def unwrap(result):

@@ -14,6 +14,7 @@ from speccascade.engine.loop import GenerationRequest, Mode
 from speccascade.sampling import (CascadeParams, DeferralRule, ParamError, SamplingParams,
                                   validate_num_draft_tokens)
 from speccascade.serve.config import ServiceConfig
+from speccascade.serve.ingress import Undecodable
 from speccascade.v1 import generation_pb2 as pb
 
 INT32_MAX = (1 << 31) - 1
@@ -101,12 +102,14 @@ def _stop(msg: pb.GenerateRequest, limits: Limits) -> tuple[str, ...]:
     return tuple(msg.stop)
 
 
-def to_generation_request(msg: pb.GenerateRequest, *, request_id: str, tokenizer,
+def to_generation_request(msg: pb.GenerateRequest | Undecodable, *, request_id: str, tokenizer,
                           limits: Limits) -> GenerationRequest:
-    size = msg.ByteSize()
+    size = msg.size if isinstance(msg, Undecodable) else msg.ByteSize()
     if size > limits.max_message_bytes:
         raise ParamError("request", f"request is {size} bytes; at most "
                          f"{limits.max_message_bytes} are allowed")
+    if isinstance(msg, Undecodable):  # the proxy could not parse it (serve.ingress)
+        raise ParamError(msg.field, msg.reason)
     prompt_ids = _prompt_ids(msg, tokenizer, limits)
     if not 1 <= msg.max_new_tokens <= limits.max_new_tokens:
         raise ParamError("max_new_tokens", f"max_new_tokens must be in "

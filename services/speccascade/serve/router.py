@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import time
 import uuid
 from typing import AsyncIterator
@@ -24,6 +25,7 @@ from speccascade.serve import errors
 from speccascade.serve.config import ServiceConfig
 from speccascade.serve.metrics import RouterMetrics
 from speccascade.serve.remote import RemoteDrafter, RemoteVerifier
+from speccascade.serve.replica import serve_replica_name
 from speccascade.serve.request import Limits, to_generation_request
 from speccascade.v1 import generation_pb2 as pb
 
@@ -52,6 +54,20 @@ def is_loopback_peer(peer: str) -> bool:
         return False
     mapped = getattr(ip, "ipv4_mapped", None)
     return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+async def within(deltas: AsyncIterator[Delta], deadline: float) -> AsyncIterator[Delta]:
+    """`deltas` until time.monotonic() reaches `deadline`, then TimeoutError (DEADLINE_EXCEEDED).
+
+    The proxy already cancels the router when the client's own deadline passes; this bounds
+    requests whose client set none. On timeout, wait_for cancels the pending round inside the
+    loop, whose `finally` then releases the request's KV entries."""
+    while True:
+        try:
+            delta = await asyncio.wait_for(anext(deltas), max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            return
+        yield delta
 
 
 class Router:
@@ -129,9 +145,11 @@ class Router:
             return pb.StatsResponse()
         replicas = [pb.ReplicaStats(role=s["role"], replica=s["replica"],
                                     live_sequences=s["live_sequences"], batches=s["batches"],
-                                    batched_calls=s["batched_calls"])
+                                    batched_calls=s["batched_calls"], pid=s["pid"])
                     for side in found for s in sorted(side, key=lambda s: s["replica"])]
-        return pb.StatsResponse(replicas=replicas, router_inflight=self._inflight)
+        return pb.StatsResponse(replicas=replicas, router_inflight=self._inflight,
+                                router_replica=serve_replica_name("router"),
+                                router_pid=os.getpid())
 
     # -- helpers -----------------------------------------------------------------------------
     async def _deltas(self, message: pb.GenerateRequest, grpc_context) -> AsyncIterator[Delta]:
@@ -152,9 +170,10 @@ class Router:
             drafter = RemoteDrafter(self._drafter, request.request_id, **retry)
             verifier = RemoteVerifier(self._verifier, request.request_id, **retry)
             last = time.perf_counter()
+            deadline = time.monotonic() + self.config.request_timeout_s
             async with contextlib.aclosing(generate(request, drafter, verifier,
                                                     self.tokenizer)) as deltas:
-                async for delta in deltas:
+                async for delta in within(deltas, deadline):
                     now = time.perf_counter()
                     self._metrics.round(mode, (now - last) * 1000, len(delta.token_ids))
                     last, stats = now, delta.stats

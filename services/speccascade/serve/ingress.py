@@ -1,0 +1,102 @@
+"""The servicer function Serve's gRPC proxy registers for `speccascade.v1.Generation`.
+
+It is the generated `add_GenerationServicer_to_server` with one change. The proxy parses each
+request itself, before any of our code runs, and a GenerateRequest that does not parse (protobuf
+rejects a string field holding invalid UTF-8) would be answered with a bare INTERNAL. Here such a
+request becomes an `Undecodable` naming the field, which the router's validation
+(serve.request) answers with INVALID_ARGUMENT like every other bad field.
+
+The proxy imports this module: it stays light (no torch, no transformers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from speccascade.v1 import generation_pb2 as pb
+from speccascade.v1 import generation_pb2_grpc as pb_grpc
+
+STRING_FIELDS = {1: "prompt", 12: "stop"}  # GenerateRequest field number -> name
+DECODED_METHODS = ("Generate", "GenerateStream")
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A GenerateRequest the proxy could not parse; crosses to the router in its place."""
+    field: str
+    reason: str
+    size: int
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while shift < 64:
+        if i >= len(data):
+            break
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i
+    raise ValueError("malformed varint")
+
+
+def _bad_string_field(data: bytes) -> str | None:
+    """The first string field whose bytes are not UTF-8, by walking the wire format (the parsed
+    message does not exist); None when the message is malformed some other way."""
+    i = 0
+    try:
+        while i < len(data):
+            key, i = _varint(data, i)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, i = _varint(data, i)
+            elif wire_type in (1, 5):
+                i += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                length, i = _varint(data, i)
+                chunk, i = data[i:i + length], i + length
+                if number in STRING_FIELDS:
+                    try:
+                        chunk.decode("utf-8")
+                    except UnicodeDecodeError:
+                        return STRING_FIELDS[number]
+            else:
+                return None
+    except ValueError:
+        return None
+    return None
+
+
+def decode_request(data: bytes) -> pb.GenerateRequest | Undecodable:
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except DecodeError:
+        field = _bad_string_field(data)
+        if field is not None:
+            return Undecodable(field, f"{field} must be valid UTF-8", len(data))
+        return Undecodable("request", "request is not a valid GenerateRequest message", len(data))
+
+
+class _Collect:
+    """Stands in for the server to collect the generated method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_GenerationServicer_to_server(servicer, server) -> None:  # noqa: N802 - grpc's name
+    found = _Collect()
+    pb_grpc.add_GenerationServicer_to_server(servicer, found)
+    handlers = {name: handler._replace(request_deserializer=decode_request)
+                if name in DECODED_METHODS else handler
+                for name, handler in found.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(found.service,
+                                                                          handlers),))
+    server.add_registered_method_handlers(found.service, handlers)
