@@ -77,7 +77,7 @@ class RequestStats:
     deferrals: int = 0
     draft_ms: float = 0.0
     verify_ms: float = 0.0
-    hidden_draft_ms: float = 0.0   # draft compute that overlapped a verification
+    exposed_draft_ms: float = 0.0  # draft compute the loop waited for (on the critical path)
     ttft_ms: float = 0.0
     total_ms: float = 0.0
     replicas: set[str] = field(default_factory=set)
@@ -90,6 +90,11 @@ class RequestStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def hidden_draft_ms(self) -> float:
+        """Draft compute that ran while a verification did: the rest of draft_ms."""
+        return max(0.0, self.draft_ms - self.exposed_draft_ms)
 
     @property
     def overlap_fraction(self) -> float:
