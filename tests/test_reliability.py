@@ -28,7 +28,8 @@ LIMITS = dict(max_new_tokens=200, max_stop_strings=4, max_stop_string_chars=32,
               max_message_bytes=8192,
               # 2 replicas x 20 live sequences: a soak at 16 concurrent never fills a replica
               # (finished requests release just after their last message), 60 admitted always do.
-              max_live_seqs=20, router_queue_cap=60, request_timeout_s=120)
+              max_live_seqs=20, router_queue_cap=60, request_timeout_s=120,
+              kv_idle_evict_s=10)  # reclaims the entries of a killed router within ~15 s
 # Prompts whose greedy TARGET output is long: a fault or a cancel lands mid-generation.
 PROMPTS = ["def f1(x):", "def f17(x):\n    return", "    return x * 3", "def f42(x):\n",
            "x * 12 + 5", "def f100(x):\n    return x * 100 + 2", "def f", "return x"]
@@ -266,7 +267,7 @@ RSS_TOLERANCE_KIB = 48 * 1024
 def _soak_case(i: int):
     rng = random.Random(i)
     prompt = PROMPTS[i % len(PROMPTS)]
-    length = rng.choice([4, 16, 48, 96])
+    length = rng.choice([4, 8, 16, 32])
     mode = ["target", "draft", "speculative", "cascade"][i % 4]
     fields = dict(max_new_tokens=length, mode=mode, num_draft_tokens=rng.randint(1, 6),
                   pipelined=rng.random() < 0.7)
@@ -316,43 +317,43 @@ def test_bounded_soak(service, references):
 
 
 # -- 3. faults ---------------------------------------------------------------------------------
-INJECTIONS_PER_ROLE = 10
+ROUNDS = 10  # each kills one drafter and one verifier replica: 10 injections of each kind
 
 
-def _kill_holder(service, role: str) -> str | None:
-    """Kill the `role` replica holding a live sequence (the one request in flight holds one)."""
-    import ray
-
-    holders = [r.replica for r in service.stats().replicas
-               if r.role == role and r.live_sequences > 0]
-    if not holders:
-        return None  # the request already finished
-    ray.kill(ray.get_actor(holders[0], namespace="serve"), no_restart=True)
-    return holders[0]
+def _holder(stats: pb.StatsResponse, role: str) -> str | None:
+    return next((r.replica for r in stats.replicas if r.role == role and r.live_sequences), None)
 
 
 def test_killing_replicas_mid_generation(service, references):
-    tally = Counter()
-    for n in range(2 * INJECTIONS_PER_ROLE):
-        role = ("drafter", "verifier")[n % 2]
-        # Both deployments back at two replicas: each kill meets a healthy deployment.
+    import ray
+
+    injections, outcomes = Counter(), Counter()
+    for n in range(ROUNDS):
+        # Both deployments back at two replicas: each round meets healthy deployments.
         wait_idle(service, deadline_s=120)
-        prompt = PROMPTS[n % len(PROMPTS)]
-        stream = service.generate_stream(prompt, max_new_tokens=LONG, mode="speculative",
-                                         num_draft_tokens=2, timeout=90)
-        first = next(stream)
-        killed = _kill_holder(service, role)
-        code, ids, details = outcome(lambda: iter([first, *stream]))
-        if killed is None:
-            tally["finished before the kill"] += 1
-        else:
-            tally[(role, code.name)] += 1
-        assert code in (OK, UNAVAILABLE), (role, code, details)
-        if code == OK:
-            assert ids == references[prompt], (role, prompt)
-    print(f"\nfaults: {dict(tally)}")
-    survived = sum(v for k, v in tally.items() if k != "finished before the kill")
-    assert survived >= INJECTIONS_PER_ROLE  # most streams outlive the first message's kill
+        prompts = [PROMPTS[(2 * n + k) % len(PROMPTS)] for k in range(2)]
+        streams = [service.generate_stream(p, max_new_tokens=LONG, mode="speculative",
+                                           num_draft_tokens=2, timeout=90) for p in prompts]
+        firsts = [next(s) for s in streams]
+        stats = service.stats()
+        for role in ("drafter", "verifier"):  # the replicas holding these requests' KV entries
+            holder = _holder(stats, role)
+            if holder is not None:
+                ray.kill(ray.get_actor(holder, namespace="serve"), no_restart=True)
+                injections[role] += 1
+
+        def finish(k):
+            return outcome(lambda: iter([firsts[k], *streams[k]]))
+
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(finish, range(2)))
+        for prompt, (code, ids, details) in zip(prompts, results):
+            outcomes[code.name] += 1
+            assert code in (OK, UNAVAILABLE), (code, details)
+            if code == OK:
+                assert ids == references[prompt], prompt
+    print(f"\nfaults: injections {dict(injections)}; requests {dict(outcomes)}")
+    assert injections["drafter"] >= ROUNDS - 1 and injections["verifier"] >= ROUNDS - 1
 
 
 def test_router_restart(service, references):
@@ -371,9 +372,10 @@ def test_router_restart(service, references):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(finish, range(4)))
     codes = Counter(code.name for code, _, _ in results)
-    print(f"\nrouter kill: in-flight streams ended {dict(codes)}")
-    # A proper status each (a stream that finished before the kill may also be OK).
-    assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED", "INTERNAL"}, results
+    print(f"\nrouter kill: in-flight streams ended {dict(codes)}: {results[0][2]!r}")
+    # A proper status each, long before the deadline (a stream that finished before the kill may
+    # be OK). Serve's proxy, not our code, answers for a dead router: INTERNAL (see SECURITY.md).
+    assert set(codes) <= {"OK", "UNAVAILABLE", "INTERNAL"}, results
     assert all(ids == references[PROMPTS[i]] for i, (c, ids, _) in enumerate(results) if c == OK)
     end = time.monotonic() + 120
     while True:  # new requests succeed once Serve replaced the router

@@ -91,6 +91,9 @@ class ServiceConfig(_Strict):
     # -- capacity (beyond them RESOURCE_EXHAUSTED, never an out-of-memory crash) --------------
     max_live_seqs: PositiveInt = 64               # KV entries per drafter/verifier replica
     router_queue_cap: PositiveInt = 256           # requests in flight per router replica
+    # A KV entry unused this long is dropped: its router died mid-request (a live request touches
+    # its entries every round; if one is dropped anyway, the next call simply re-prefills).
+    kv_idle_evict_s: float = Field(600.0, gt=0)
     # -- deadlines: Serve's gRPC proxy cancels the router's call when the client's deadline passes
     # or the client cancels (measured, see SECURITY.md); this caps requests that set no deadline.
     request_timeout_s: float = Field(600.0, gt=0)

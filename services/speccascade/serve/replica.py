@@ -83,12 +83,30 @@ class ModelReplica:
 
     def _name_worker(self) -> None:
         self.worker.replica_name = serve_replica_name(self.worker.replica_name)
+        self.worker.runner.idle_evict_s = self.config.kv_idle_evict_s
+        self._reaper: asyncio.Task | None = None
+
+    def _start_reaper(self) -> None:
+        """Started by the first call (the constructor runs outside the replica's event loop)."""
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        # Entries of a router that died mid-request get no release call; without this they would
+        # hold the KV budget until it fills (eviction at capacity is the other trigger).
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.kv_idle_evict_s / 2)
+            # ModelRunner._evict_idle: the same eviction it runs when its budget is full.
+            await loop.run_in_executor(self._thread, self.worker.runner._evict_idle)
+            self._metrics.set_live(self.worker.live_sequences())
 
     def _configure_batching(self, batch_method, spec: DeploymentSpec) -> None:
         batch_method.set_max_batch_size(spec.max_batch_size)
         batch_method.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
 
     async def _run_batch(self, batch_fn: Callable[[list], list], items: list) -> list:
+        self._start_reaper()
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._thread, _isolated, batch_fn, items)
         self._batches += 1
@@ -102,6 +120,7 @@ class ModelReplica:
         self._metrics.set_live(self.worker.live_sequences())
 
     async def stats(self) -> dict[str, Any]:
+        self._start_reaper()
         return {"role": self.role, "replica": self.worker.replica_name,
                 "live_sequences": self.worker.live_sequences(), "world_size": world_size(),
                 "batches": self._batches, "batched_calls": self._batched_calls, "pid": os.getpid()}
