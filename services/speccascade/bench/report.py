@@ -118,8 +118,13 @@ def write(results: dict, out_dir: Path, markdown: Path) -> None:
               f"c = {d['cost_ratio_c']:.3f}; steps (ms): target {steps['target']:.1f}, draft "
               f"{steps['draft']:.1f}, verify(γ+1) {steps['verify']:.1f}. Bounds (REFERENCE.md §2): "
               f"sequential {d['sequential_bound']:.2f}×, pipelined {d['pipelined_bound']:.2f}×. "
-              f"Greedy outputs of HF target, HF-free engine TARGET and SPECULATIVE equal: "
-              f"{results['in_process_greedy_equal']}.", "",
+              f"Greedy outputs of HF target, our in-process TARGET and SPECULATIVE equal: "
+              f"{results['in_process_greedy_equal']}; through the service, every greedy "
+              f"SPECULATIVE configuration equals TARGET token for token: "
+              f"{d['greedy_equal_to_target']}.", "",
+              f"Adaptive γ against the best fixed γ ({d['best_fixed_gamma']}): "
+              + ", ".join(f"{name} {ratio:.2f}×" for name, ratio in d["adaptive_over_best_fixed"].items())
+              + ".", "",
               "## Speed through the gRPC service (single stream)", "",
               f"![speed]({rel(out_dir / 'speed.png')})", "", *_speed_table(results["service"]["speed"]),
               "", "In process: " + ", ".join(f"{k} {v['tokens_per_s']:.1f} tok/s"

@@ -41,7 +41,7 @@ class BenchPlan:
 
     @classmethod
     def quick(cls) -> "BenchPlan":
-        return cls(prompts=2, new_tokens=24, gammas=(2, 4), quality_tasks=4, alphas_per_rule=2,
+        return cls(prompts=2, new_tokens=16, gammas=(2,), quality_tasks=3, alphas_per_rule=2,
                    streams=(1, 4), requests_per_stream=1)
 
 
@@ -128,10 +128,16 @@ def _service_runs(client, plan, prompts, tasks, target, engine) -> dict:
     speed_configs["SPECULATIVE adaptive γ + early stop"] = dict(
         mode="speculative", adaptive_num_draft_tokens=True, draft_stop_below=0.4)
     out: dict = {"speed": {}, "cascade": {}, "concurrency": {}}
+    outputs = {}
     with tqdm(total=len(speed_configs) * len(prompts), desc="service: speed", unit="req") as bar:
         for name, fields in speed_configs.items():
             runs = run_sequential(client, prompts, bar, max_new_tokens=plan.new_tokens, **fields)
             out["speed"][name] = summarize(runs)
+            outputs[name] = [r.token_ids for r in runs]
+    # Losslessness through the service: every greedy speculative configuration (sequential,
+    # pipelined, each γ, adaptive, early stop) printed exactly TARGET's tokens.
+    out["greedy_equal_to_target"] = {name: ids == outputs["TARGET"] for name, ids in outputs.items()
+                                     if name.startswith("SPECULATIVE")}
 
     cascade_configs = {"TARGET": dict(mode="target"),
                        "SPECULATIVE": dict(mode="speculative", num_draft_tokens=plan.gamma),
@@ -210,7 +216,13 @@ def derive(results: dict, plan: BenchPlan) -> dict:
     good = {name: spec_latency / c["latency_ms_mean"] for name, c in cascades.items()
             if c["fields"].get("mode") == "cascade" and c["exact_match"] >= target_em - 0.01}
     best_cascade = max(good, key=good.get) if good else None
+    fixed = {name: s["tokens_per_s"] for name, s in speed.items() if name.startswith("SPECULATIVE γ=")}
+    best_fixed = max(fixed, key=fixed.get)
+    adaptive = {name: speed[name]["tokens_per_s"] / fixed[best_fixed] for name in
+                ("SPECULATIVE adaptive γ", "SPECULATIVE adaptive γ + early stop")}
     return {
+        "best_fixed_gamma": best_fixed, "adaptive_over_best_fixed": adaptive,
+        "greedy_equal_to_target": all(results["service"]["greedy_equal_to_target"].values()),
         "alpha": alpha, "cost_ratio_c": steps["draft"] / steps["target"],
         "sequential_bound": seq_bound, "pipelined_bound": pipe_bound,
         # name -> (measured, goal, "≥" or "≤")

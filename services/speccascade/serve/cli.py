@@ -33,6 +33,7 @@ def _serve(args) -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops it as cleanly as Ctrl-C
     try:
         address = launch.start(config, num_cpus=args.num_cpus)
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # again: ray.init installs its own
         target, draft = config.model_paths()
         print(f"speccascade gRPC service ready at {address} (target {target}, draft {draft})\n"
               f"  try: speccascade client 'def fib(n):' --address {address} --stream",

@@ -1,0 +1,70 @@
+"""The benchmark harness: the analytic bounds, and `speccascade bench --quick` as a smoke run.
+
+The smoke run is the real command on the embedded default pair through a real local Ray Serve
+application; it asserts what the run produced and that greedy outputs were lossless, never a time.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from speccascade.bench import bounds
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_expected_tokens_matches_its_series():
+    # E = Σ_{i=0..γ} α^i: the closed form against the plain sum.
+    for alpha in (0.0, 0.3, 0.77, 0.999):
+        for gamma in (1, 4, 8):
+            assert bounds.expected_tokens(alpha, gamma) == pytest.approx(
+                sum(alpha ** i for i in range(gamma + 1)))
+    assert bounds.expected_tokens(1.0, 4) == 5
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.4, 0.6, 0.9])
+def test_alpha_from_mean_accepted_length_inverts_e(alpha):
+    assert bounds.alpha_from_mean_accepted_length(bounds.expected_tokens(alpha, 4), 4) == \
+        pytest.approx(alpha, abs=1e-6)
+
+
+def test_bounds_follow_reference_formulas():
+    # α = 0.8, γ = 4: E = 3.3616; steps target 12, draft 2, verify 16 (ms).
+    e = bounds.expected_tokens(0.8, 4)
+    assert bounds.sequential_bound(0.8, 4, 12, 2, 16) == pytest.approx(e * 12 / (4 * 2 + 16))
+    assert bounds.pipelined_bound(0.8, 4, 12, 2, 16) == pytest.approx(e * 12 / 16)
+    # drafting slower than verifying: the draft is the pipeline's bottleneck
+    assert bounds.pipelined_bound(0.8, 4, 12, 5, 16) == pytest.approx(e * 12 / 20)
+
+
+@pytest.mark.e2e
+def test_quick_bench_runs_end_to_end(tmp_path):
+    out = tmp_path / "bench"
+    markdown = tmp_path / "BENCHMARKS.md"
+    subprocess.run([sys.executable, "-m", "speccascade.cli", "bench", "--quick", "--out", str(out),
+                    "--markdown", str(markdown), "--grpc-port", str(_free_port())],
+                   check=True, timeout=900)
+    results = json.loads((out / "results.json").read_text())
+    for plot in ("speed.png", "cascades.png", "concurrency.png"):
+        assert (out / plot).stat().st_size > 1000
+    text = markdown.read_text()
+    assert "## Goals (issue 5)" in text and "![cascades]" in text
+    # Lossless in both places, and every configuration was actually measured.
+    assert results["in_process_greedy_equal"] is True
+    assert results["derived"]["greedy_equal_to_target"] is True
+    speed = results["service"]["speed"]
+    assert {"TARGET", "DRAFT", "SPECULATIVE sequential", "SPECULATIVE pipelined"} <= set(speed)
+    assert all(s["tokens"] > 0 for s in speed.values())
+    assert speed["SPECULATIVE pipelined"]["mean_accepted_length"] >= 1.0
+    cascades = results["service"]["cascade"]
+    assert {c["fields"].get("deferral_rule") for c in cascades.values()} >= {
+        "CHOW", "DIFF", "OPT", "TOKEN_V1", "TOKEN_V2", "TOKEN_V3"}
+    assert set(results["service"]["concurrency"]) == {"1", "4"}
