@@ -230,3 +230,47 @@ def test_repeated_sequence_goes_to_separate_forwards():
 
     assert _isolated(batch_fn, [Item("a"), Item("a"), Item("b")]) == ["a", "a", "b"]
     assert calls == [["a", "b"], ["a"]]
+
+
+# -- deadlines and undecodable requests --------------------------------------------------------
+def test_within_times_out_and_closes_the_loop():
+    import asyncio
+    import time
+
+    from speccascade.serve.router import within
+
+    closed = []
+
+    async def slow_loop():
+        try:
+            for i in range(100):
+                await asyncio.sleep(0.05)
+                yield i
+        finally:  # where engine.loop releases KV entries
+            closed.append(True)
+
+    async def run(seconds):
+        got = []
+        with pytest.raises(TimeoutError):
+            async for item in within(slow_loop(), time.monotonic() + seconds):
+                got.append(item)
+        return got
+
+    got = asyncio.run(run(0.2))
+    assert got and len(got) < 100 and closed == [True]
+    assert errors.status_for(TimeoutError())[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_undecodable_requests_name_the_field(tokenizer, limits):
+    from speccascade.serve.ingress import Undecodable, decode_request
+
+    good = pb.GenerateRequest(prompt="x", max_new_tokens=4, stop=["a"]).SerializeToString()
+    assert decode_request(good).prompt == "x"
+    bad_prompt = pb.GenerateRequest(max_new_tokens=4).SerializeToString() + b"\x0a\x02\xff\xfe"
+    bad_stop = good + b"\x62\x01\xff"
+    for data, field in ((bad_prompt, "prompt"), (bad_stop, "stop"), (b"\xff\xff", "request")):
+        decoded = decode_request(data)
+        assert isinstance(decoded, Undecodable) and decoded.field == field
+        with pytest.raises(ParamError) as error:
+            to_generation_request(decoded, request_id="r", tokenizer=tokenizer, limits=limits)
+        assert error.value.field == field
