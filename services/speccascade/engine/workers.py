@@ -21,7 +21,9 @@ def _replica_name() -> str:
     return f"{os.uname().nodename}:{os.getpid()}"
 
 
-class DraftWorker:
+class _Worker:
+    """A model runner and the name of the replica it lives in."""
+
     def __init__(self, model, *, max_live_seqs: int = 64, max_seq_len: int | None = None):
         self.runner = ModelRunner(model, max_live_seqs=max_live_seqs, max_seq_len=max_seq_len)
         self.replica_name = _replica_name()
@@ -32,6 +34,8 @@ class DraftWorker:
     def release(self, seq_id: str) -> None:
         self.runner.release(seq_id)
 
+
+class DraftWorker(_Worker):
     def draft_batch(self, requests: list[DraftRequest]) -> list[DraftResult]:
         """γ single-token steps, all sequences of the batch in each step."""
         started = time.perf_counter()
@@ -75,17 +79,7 @@ class DraftWorker:
         return sampling.sample(q, generators)
 
 
-class VerifyWorker:
-    def __init__(self, model, *, max_live_seqs: int = 64, max_seq_len: int | None = None):
-        self.runner = ModelRunner(model, max_live_seqs=max_live_seqs, max_seq_len=max_seq_len)
-        self.replica_name = _replica_name()
-
-    def live_sequences(self) -> int:
-        return self.runner.live_sequences()
-
-    def release(self, seq_id: str) -> None:
-        self.runner.release(seq_id)
-
+class VerifyWorker(_Worker):
     def verify_batch(self, requests: list[VerifyRequest]) -> list[VerifyResult]:
         started = time.perf_counter()
         target_logits = self.runner.forward(

@@ -44,7 +44,7 @@ class BuildConfig:
     target_steps: int = 1200
     target_batch: int = 16
     target_lr: float = 2e-3
-    draft_steps: int = 1500
+    draft_steps: int = 900
     draft_batch: int = 16
     draft_lr: float = 3e-3
     warmup_steps: int = 40
