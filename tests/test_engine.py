@@ -180,3 +180,20 @@ def test_adaptive_gamma_and_early_stop_keep_greedy_output(engine, tiny_twins):
                   max_num_draft_tokens=8)
     # all drafts accepted → γ grows 1, 3, 5, 7, 8, ...: far fewer rounds than with γ = 1
     assert grown.stats.rounds < 60 / 4
+
+
+@pytest.mark.slow
+def test_default_pair_greedy_speculative_equals_target_equals_hf_generate():
+    """The embedded pair as served (float32): 20 held-out prompts × 64 tokens, all concurrent."""
+    from speccascade.bench.workload import throughput_prompts
+
+    torch.set_num_threads(1)
+    engine = Engine.default()
+    prompts = [engine.tokenizer.decode(ids) for ids in throughput_prompts(engine.tokenizer, 20, 48)]
+    assert len(prompts) == 20
+    target = run(engine, Mode.TARGET, prompts)
+    speculative = run(engine, Mode.SPECULATIVE, prompts, num_draft_tokens=4)
+    for prompt, t, s in zip(prompts, target, speculative):
+        assert s.token_ids == t.token_ids == hf_greedy(engine, prompt)
+        assert s.stats.drafted > 0
+    assert sum(s.stats.accepted for s in speculative) > 0
