@@ -128,7 +128,7 @@ def evaluate(target_dir, draft_dir, *, tasks: int = 200, threads: int = 1, dtype
     from speccascade.engine.loop import Mode
 
     torch.set_num_threads(threads)
-    engine = Engine.from_paths(target_dir, draft_dir, dtype=dtype)
+    engine = Engine.from_paths(target_dir, draft_dir, dtype=dtype, max_live_seqs=max(64, tasks))
     target = engine.verifier.worker.runner.model
     draft = engine.drafter.worker.runner.model
     tok = engine.tokenizer
