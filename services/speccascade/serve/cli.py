@@ -25,15 +25,22 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _on_stop_signals() -> None:
+    # SIGINT too: a process started in the background by a non-interactive shell inherits SIGINT
+    # ignored, and Python then leaves it ignored.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _raise_interrupt)
+
+
 def _serve(args) -> None:
     from speccascade.serve import launch
     from speccascade.serve.config import ServiceConfig
 
     config = ServiceConfig.load(args.config, grpc_port=args.grpc_port, host=args.host)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    _on_stop_signals()  # `kill` stops it as cleanly as Ctrl-C
     try:
         address = launch.start(config, num_cpus=args.num_cpus)
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # again: ray.init installs its own
+        _on_stop_signals()  # again: ray.init installs its own
         target, draft = config.model_paths()
         print(f"speccascade gRPC service ready at {address} (target {target}, draft {draft})\n"
               f"  try: speccascade client 'def fib(n):' --address {address} --stream",
