@@ -91,7 +91,7 @@ class ModelRunner:
         entry = self._entries.get(seq_id)
         if entry is None:
             if len(self._entries) >= self.max_live_seqs:
-                self._evict_idle()
+                self.evict_idle()
             if len(self._entries) >= self.max_live_seqs:
                 raise CapacityError(f"replica holds {len(self._entries)} live sequences, its "
                                     f"budget (max_live_seqs={self.max_live_seqs}) is full")
@@ -99,7 +99,8 @@ class ModelRunner:
         entry.last_used = time.monotonic()
         return entry
 
-    def _evict_idle(self) -> None:
+    def evict_idle(self) -> None:
+        """Drop entries unused for idle_evict_s: callers that vanished without a release."""
         cutoff = time.monotonic() - self.idle_evict_s
         for seq_id in [s for s, e in self._entries.items() if e.last_used < cutoff]:
             del self._entries[seq_id]

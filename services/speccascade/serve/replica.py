@@ -97,8 +97,8 @@ class ModelReplica:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.kv_idle_evict_s / 2)
-            # ModelRunner._evict_idle: the same eviction it runs when its budget is full.
-            await loop.run_in_executor(self._thread, self.worker.runner._evict_idle)
+            # The same eviction the runner runs when its budget is full.
+            await loop.run_in_executor(self._thread, self.worker.runner.evict_idle)
             self._metrics.set_live(self.worker.live_sequences())
 
     def _configure_batching(self, batch_method, spec: DeploymentSpec) -> None:
