@@ -137,6 +137,14 @@ def test_runner_batched_logits_equal_one_at_a_time(tiny_pair):
     ids = ["s0", "s1", "s3"]
     for seq_id, got in zip(ids, runner.forward([(k, seqs[k], 3) for k in ids])):
         torch.testing.assert_close(got, reference(seqs[seq_id], 3), rtol=0, atol=1e-9)
+    # a different number of logits per row (only the wanted rows are projected onto the vocab)
+    seqs["s0"] += [8, 9]
+    seqs["s1"] += [1, 2, 3, 4]
+    wanted = {"s0": 1, "s1": 4, "s2": 2}
+    got = runner.forward([(k, seqs[k], n) for k, n in wanted.items()])
+    for (seq_id, n), logits in zip(wanted.items(), got):
+        assert logits.shape[0] == n
+        torch.testing.assert_close(logits, reference(seqs[seq_id], n), rtol=0, atol=1e-9)
 
 
 def test_runner_rollback_then_extend_equals_fresh_prefill(tiny_pair):

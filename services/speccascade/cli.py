@@ -65,8 +65,8 @@ def _models_build(args) -> None:
 
     cfg = BuildConfig()
     if args.quick:  # a smoke build in about a minute; the committed pair uses the defaults
-        cfg = replace(cfg, target_steps=5, draft_steps=5)
-    build(args.out, cfg, draft_only=args.draft_only)
+        cfg = replace(cfg, target_steps=5, target_continue_steps=5, draft_steps=5)
+    build(args.out, cfg, from_stage=args.from_stage)
 
 
 def _models_eval(args) -> None:
@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     build = models_sub.add_parser("build", help="train the embedded default pair (≈1 h, 2 cores)")
     build.add_argument("--out", default=str(default_pair_paths()[0].parent))
     build.add_argument("--quick", action="store_true")
-    build.add_argument("--draft-only", action="store_true",
-                       help="keep the tokenizer and target in --out; redo only the distilled draft")
+    build.add_argument("--from-stage", default="tokenizer", choices=("tokenizer", "target", "target_continue", "draft"),
+                       help="resume: read the earlier stages' outputs from --out, redo the rest")
     build.set_defaults(func=_models_build)
     evaluate = models_sub.add_parser("eval", help="losses, line completion, acceptance, step costs")
     _add_pair_args(evaluate)

@@ -1,8 +1,13 @@
 """Build the embedded default draft/target pair offline, deterministically.
 
 Recipe (REFERENCE.md §8): a byte-level BPE tokenizer trained on the stdlib training split; a
-Llama-shaped target trained with bf16 autocast, given most of the compute; a much smaller draft
-distilled from the target's logits (forward KL), which is what raises greedy agreement.
+Llama-shaped target given most of the compute, in two cosine cycles (a warm restart from the first
+cycle's checkpoint widens the quality gap over the draft); a much smaller draft distilled from the
+target's logits (forward KL), which is what raises greedy agreement. bf16 autocast where the CPU
+has native bf16, fp32 elsewhere.
+
+Stages, each resumable with `--from-stage`: tokenizer → target (cycle 1, kept in
+`target_stage1/`, not committed) → target_continue (cycle 2) → draft.
 Both are saved with `save_pretrained` (safetensors, bf16) beside a copy of the tokenizer, so each is
 an ordinary Hugging Face checkpoint that `from_pretrained` loads from a local path.
 """
@@ -44,7 +49,9 @@ class BuildConfig:
     target_steps: int = 1200
     target_batch: int = 16
     target_lr: float = 2e-3
-    draft_steps: int = 900
+    target_continue_steps: int = 1000  # second cosine cycle, from the first cycle's checkpoint
+    target_continue_lr: float = 1e-3
+    draft_steps: int = 1200
     draft_batch: int = 16
     draft_lr: float = 3e-3
     warmup_steps: int = 40
@@ -113,9 +120,9 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def train(model, stream, cfg: BuildConfig, steps: int, batch: int, lr: float, desc: str,
-          teacher=None) -> list[float]:
+          teacher=None, data_seed: int = 1) -> list[float]:
     """Next-token CE, or forward KL(p_teacher || q_student) when a teacher is given."""
-    gen = torch.Generator().manual_seed(cfg.seed + (1 if teacher is None else 2))
+    gen = torch.Generator().manual_seed(cfg.seed + data_seed)
     use_bf16 = cpu_has_fast_bf16()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
@@ -151,14 +158,28 @@ def save(model, tok, out_dir: Path) -> None:
     model.float()
 
 
-def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
-          draft_only: bool = False) -> Path:
-    """Train the tokenizer, the target and the distilled draft into out_dir.
+def load(path: Path):
+    """A checkpoint saved by `save`, back in fp32: every stage reads the saved bf16 weights, so a
+    resumed build trains exactly what a full build would."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    draft_only: keep the tokenizer and target already in out_dir and redo only the draft stage.
-    The target was saved in bf16 and distillation always reads those bf16 weights, so a resumed
-    build distills exactly the draft a full build would.
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    return model, tok
+
+
+STAGES = ("tokenizer", "target", "target_continue", "draft")
+
+
+def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
+          from_stage: str = "tokenizer") -> Path:
+    """Train the tokenizer, the target (two cycles) and the distilled draft into out_dir.
+
+    from_stage: skip the stages before it and read their outputs from out_dir instead.
     """
+    if from_stage not in STAGES:
+        raise ValueError(f"from_stage must be one of {STAGES}, got {from_stage!r}")
+    todo = set(STAGES[STAGES.index(from_stage):])
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     started = time.time()
@@ -166,36 +187,48 @@ def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
     train_files, held_out = split_files()
     print(f"corpus: {len(train_files)} training files, {len(held_out)} held out")
     log_path = out_dir / "build_log.json"
-    log = json.loads(log_path.read_text()) if draft_only else {}
-    if draft_only:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    log = {} if from_stage == "tokenizer" else json.loads(log_path.read_text())
+    log["config"] = asdict(cfg)
+
+    if "tokenizer" in todo:
+        tok = train_tokenizer(train_files, cfg.vocab_size, out_dir / "tokenizer")
+    else:
+        from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(out_dir / "target", local_files_only=True)
-        target = AutoModelForCausalLM.from_pretrained(out_dir / "target", local_files_only=True,
-                                                      dtype=torch.float32)
-        stream = encode_corpus(tok, train_files)
-    else:
-        tok = train_tokenizer(train_files, cfg.vocab_size, out_dir / "tokenizer")
-        stream = encode_corpus(tok, train_files)
-        print(f"training stream: {len(stream):,} tokens")
-        target = make_model(cfg.target, cfg, tok)
-        target_losses = train(target, stream, cfg, cfg.target_steps, cfg.target_batch,
-                              cfg.target_lr, "target")
-        save(target, tok, out_dir / "target")
-        log["target_minutes"] = (time.time() - started) / 60
-        log["target_final_loss"] = sum(target_losses[-20:]) / 20
-    target.eval()
+    stream = encode_corpus(tok, train_files)
+    print(f"training stream: {len(stream):,} tokens")
+    log["train_tokens"] = len(stream)
 
-    draft_started = time.time()
+    if "target" in todo:
+        stage_started = time.time()
+        target = make_model(cfg.target, cfg, tok)
+        losses = train(target, stream, cfg, cfg.target_steps, cfg.target_batch, cfg.target_lr,
+                       "target (cycle 1)", data_seed=1)
+        save(target, tok, out_dir / "target_stage1")
+        log["target_cycle1_minutes"] = (time.time() - stage_started) / 60
+        log["target_cycle1_final_loss"] = sum(losses[-20:]) / 20
+
+    if "target_continue" in todo:
+        stage_started = time.time()
+        target, _ = load(out_dir / "target_stage1")
+        losses = train(target, stream, cfg, cfg.target_continue_steps, cfg.target_batch,
+                       cfg.target_continue_lr, "target (cycle 2)", data_seed=3)
+        save(target, tok, out_dir / "target")
+        log["target_cycle2_minutes"] = (time.time() - stage_started) / 60
+        log["target_final_loss"] = sum(losses[-20:]) / 20
+
+    stage_started = time.time()
+    target, _ = load(out_dir / "target")
+    target.eval()
     torch.manual_seed(cfg.seed + 1)
     draft = make_model(cfg.draft, cfg, tok)
     draft_losses = train(draft, stream, cfg, cfg.draft_steps, cfg.draft_batch, cfg.draft_lr,
-                         "draft (distilled)", teacher=target)
+                         "draft (distilled)", teacher=target, data_seed=2)
     save(draft, tok, out_dir / "draft")
 
-    log.update({"config": asdict(cfg), "train_tokens": len(stream),
-                "draft_minutes": (time.time() - draft_started) / 60,
-                "draft_bf16_autocast": cpu_has_fast_bf16(),
+    log.update({"draft_minutes": (time.time() - stage_started) / 60,
+                "bf16_autocast": cpu_has_fast_bf16(),
                 "draft_final_kl": sum(draft_losses[-20:]) / 20,
                 "held_out_files": [f.relative_to(stdlib_root()).as_posix() for f in held_out]})
     log_path.write_text(json.dumps(log, indent=1))
