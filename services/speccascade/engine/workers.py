@@ -13,7 +13,8 @@ import time
 import torch
 
 from speccascade import sampling
-from speccascade.engine.seam import DraftRequest, DraftResult, VerifyRequest, VerifyResult
+from speccascade.engine.seam import (DRAFT_LOGITS_DTYPE, DraftRequest, DraftResult, VerifyRequest,
+                                     VerifyResult)
 from speccascade.models.runner import ModelRunner
 
 
@@ -47,6 +48,8 @@ class DraftWorker(_Worker):
         while active:
             logits = torch.stack(self.runner.forward(
                 [(r.seq_id, sequences[r.seq_id], 1) for r in active]))  # [batch, 1, vocab]
+            shipped = torch.tensor([r.want_logits for r in active])[:, None, None]  # [batch, 1, 1]
+            logits = torch.where(shipped, logits.to(DRAFT_LOGITS_DTYPE).to(logits.dtype), logits)
             q = sampling.process_logits(logits, [r.sampling for r in active])  # [batch, 1, vocab]
             tokens = self._sample(q[:, 0], active, step)  # [batch]
             still_active = []
@@ -59,7 +62,7 @@ class DraftWorker(_Worker):
                 drafted[request.seq_id].append(token)
                 sequences[request.seq_id].append(token)
                 if request.want_logits:
-                    logits_out[request.seq_id].append(logits[row, 0])
+                    logits_out[request.seq_id].append(logits[row, 0].to(DRAFT_LOGITS_DTYPE))
                 if len(drafted[request.seq_id]) < request.num_draft_tokens:
                     still_active.append(request)
             active = still_active
