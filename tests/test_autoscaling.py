@@ -10,12 +10,12 @@ a test that would otherwise wait forever.
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import Counter
 
 import pytest
+from conftest import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -34,12 +34,6 @@ AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 
                "metrics_interval_s": 0.5, "look_back_period_s": 2}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(tiny_pair):
     from speccascade.client import SpecCascadeClient
@@ -52,7 +46,7 @@ def service(tiny_pair):
     config = ServiceConfig.load({
         "target": {"path": str(target), "dtype": "float64"},
         "draft": {"path": str(draft), "dtype": "float64"},
-        "grpc_port": _free_port(), "http_port": _free_port(),
+        "grpc_port": free_port(), "http_port": free_port(),
         "drafter": model, "verifier": model,
         "router": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 512}})
     address = launch.start(config, num_cpus=2)

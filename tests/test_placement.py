@@ -11,10 +11,10 @@ service itself reports (the Stats RPC and each reply's stats.replicas).
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -22,12 +22,6 @@ SERVICES = str(Path(__file__).resolve().parents[1] / "services")
 PROMPTS = ["def f1(x):", "def f17(x):\n    return", "    return x * 3", "def f42(x):\n",
            "x * 12 + 5", "def f100(x):\n    return x * 100 + 2"]
 MAX_NEW = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,7 @@ def cluster(tiny_pair):
                 # float64: batched and one-at-a-time forwards stay bit-identical (see e2e tests)
                 "target": {"path": str(target), "dtype": "float64"},
                 "draft": {"path": str(draft), "dtype": "float64"},
-                "grpc_port": _free_port(), "http_port": _free_port(),
+                "grpc_port": free_port(), "http_port": free_port(),
                 "drafter": replicas("drafter_gpu"), "verifier": replicas("verifier_gpu"),
                 "router": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 512}})
             address = start_on(nodes.address, config)

@@ -25,8 +25,10 @@ def _replica_name() -> str:
 class _Worker:
     """A model runner and the name of the replica it lives in."""
 
-    def __init__(self, model, *, max_live_seqs: int = 64, max_seq_len: int | None = None):
-        self.runner = ModelRunner(model, max_live_seqs=max_live_seqs, max_seq_len=max_seq_len)
+    def __init__(self, model, *, max_live_seqs: int = 64, max_seq_len: int | None = None,
+                 idle_evict_s: float = 600.0):
+        self.runner = ModelRunner(model, max_live_seqs=max_live_seqs, max_seq_len=max_seq_len,
+                                  idle_evict_s=idle_evict_s)
         self.replica_name = _replica_name()
 
     def live_sequences(self) -> int:

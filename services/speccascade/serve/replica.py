@@ -80,11 +80,10 @@ class ModelReplica:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-forward")
         self._metrics = ReplicaMetrics(self.role)
         self._batches = self._batched_calls = 0
+        self._reaper: asyncio.Task | None = None
 
     def _name_worker(self) -> None:
         self.worker.replica_name = serve_replica_name(self.worker.replica_name)
-        self.worker.runner.idle_evict_s = self.config.kv_idle_evict_s
-        self._reaper: asyncio.Task | None = None
 
     def _start_reaper(self) -> None:
         """Started by the first call (the constructor runs outside the replica's event loop)."""

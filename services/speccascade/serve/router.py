@@ -61,7 +61,9 @@ async def within(deltas: AsyncIterator[Delta], deadline: float) -> AsyncIterator
 
     The proxy already cancels the router when the client's own deadline passes; this bounds
     requests whose client set none. On timeout, wait_for cancels the pending round inside the
-    loop, whose `finally` then releases the request's KV entries."""
+    loop, whose `finally` then releases the request's KV entries. A timeout per round, not one
+    `asyncio.timeout` around the loop: a timeout scope must not span a `yield` (it would cancel
+    whatever the consumer is awaiting instead of the loop)."""
     while True:
         try:
             delta = await asyncio.wait_for(anext(deltas), max(0.0, deadline - time.monotonic()))
