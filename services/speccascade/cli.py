@@ -65,7 +65,8 @@ def _models_build(args) -> None:
 
     cfg = BuildConfig()
     if args.quick:  # a smoke build in about a minute; the committed pair uses the defaults
-        cfg = replace(cfg, target_steps=5, target_continue_steps=5, draft_steps=5)
+        cfg = replace(cfg, target_steps=5, target_continue_steps=5, draft_steps=5,
+                      target_batch=2, draft_batch=2, max_train_files=60)
     build(args.out, cfg, from_stage=args.from_stage)
 
 

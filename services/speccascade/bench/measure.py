@@ -103,3 +103,36 @@ def summarize(runs: list[Run]) -> dict:
         "non_model_ms_per_round_p50": statistics.median(r.non_model_ms_per_round for r in runs),
         "overlap_fraction": hidden / agg["draft_ms"] if agg["draft_ms"] else 0.0,
     }
+
+
+def rpc_floor_ms(app_name: str, calls: int = 100) -> dict[str, float]:
+    """Median round trip of an empty call, measured in this run on the same Ray cluster: through a
+    Serve deployment handle (what the router pays per drafter or verifier call, before any
+    compute) and as a raw Ray actor call. No round can take less non-model time than one handle
+    round trip, since every round waits for at least one verification."""
+    import ray
+    from ray import serve
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def call(self, value=None):
+            return value
+
+    handle = serve.get_deployment_handle("Verifier", app_name).options(
+        method_name="stats", session_id="bench-rpc-floor")
+    actor = Echo.remote()
+
+    def median_ms(call) -> float:
+        call()  # warm up
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+
+    try:
+        return {"serve_handle": median_ms(lambda: handle.remote().result()),
+                "ray_actor": median_ms(lambda: ray.get(actor.call.remote()))}
+    finally:
+        ray.kill(actor)

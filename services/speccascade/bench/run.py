@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from speccascade.bench import bounds
-from speccascade.bench.measure import run_concurrent, run_sequential, summarize
+from speccascade.bench.measure import rpc_floor_ms, run_concurrent, run_sequential, summarize
 from speccascade.bench.peers import (engine_generate, hf_generate, sequential_cascade,
                                      target_log_likelihood)
 from speccascade.bench.workload import quality_tasks, throughput_prompts
@@ -104,6 +104,7 @@ def run_bench(plan: BenchPlan, out_dir: Path) -> dict:
     try:
         with SpecCascadeClient(address) as client:
             client.generate(prompts[0], max_new_tokens=4)  # warm up every deployment
+            results["rpc_floor_ms"] = rpc_floor_ms(launch.APP_NAME)
             results["service"] = _service_runs(client, plan, prompts, tasks, target, engine)
     finally:
         launch.stop()

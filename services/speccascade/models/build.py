@@ -54,7 +54,11 @@ class BuildConfig:
     draft_steps: int = 1200
     draft_batch: int = 16
     draft_lr: float = 3e-3
+    # Distil from the target's distribution at this temperature: < 1 sharpens it, spending the
+    # draft's small capacity on the target's likeliest tokens, which is what greedy acceptance needs.
+    draft_teacher_temperature: float = 1.0
     warmup_steps: int = 40
+    max_train_files: int | None = None  # smoke builds only: the first N training files
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -120,7 +124,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def train(model, stream, cfg: BuildConfig, steps: int, batch: int, lr: float, desc: str,
-          teacher=None, data_seed: int = 1) -> list[float]:
+          teacher=None, teacher_temperature: float = 1.0, data_seed: int = 1) -> list[float]:
     """Next-token CE, or forward KL(p_teacher || q_student) when a teacher is given."""
     gen = torch.Generator().manual_seed(cfg.seed + data_seed)
     use_bf16 = cpu_has_fast_bf16()
@@ -138,7 +142,8 @@ def train(model, stream, cfg: BuildConfig, steps: int, batch: int, lr: float, de
                 loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
             else:
                 with torch.no_grad():
-                    p_log = F.log_softmax(teacher(inputs).logits.float(), dim=-1)
+                    p_log = F.log_softmax(teacher(inputs).logits.float() / teacher_temperature,
+                                          dim=-1)
                 q_log = F.log_softmax(logits, dim=-1)
                 loss = F.kl_div(q_log, p_log, log_target=True, reduction="batchmean") / cfg.seq_len
         opt.zero_grad(set_to_none=True)
@@ -185,6 +190,7 @@ def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
     started = time.time()
     out_dir = Path(out_dir)
     train_files, held_out = split_files()
+    train_files = train_files[: cfg.max_train_files]
     print(f"corpus: {len(train_files)} training files, {len(held_out)} held out")
     log_path = out_dir / "build_log.json"
     log = {} if from_stage == "tokenizer" else json.loads(log_path.read_text())
@@ -224,7 +230,8 @@ def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
     torch.manual_seed(cfg.seed + 1)
     draft = make_model(cfg.draft, cfg, tok)
     draft_losses = train(draft, stream, cfg, cfg.draft_steps, cfg.draft_batch, cfg.draft_lr,
-                         "draft (distilled)", teacher=target, data_seed=2)
+                         "draft (distilled)", teacher=target,
+                         teacher_temperature=cfg.draft_teacher_temperature, data_seed=2)
     save(draft, tok, out_dir / "draft")
 
     log.update({"draft_minutes": (time.time() - stage_started) / 60,
