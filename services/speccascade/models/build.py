@@ -56,7 +56,7 @@ class BuildConfig:
     draft_lr: float = 3e-3
     # Distil from the target's distribution at this temperature: < 1 sharpens it, spending the
     # draft's small capacity on the target's likeliest tokens, which is what greedy acceptance needs.
-    draft_teacher_temperature: float = 1.0
+    draft_teacher_temperature: float = 0.7
     warmup_steps: int = 40
     max_train_files: int | None = None  # smoke builds only: the first N training files
 
@@ -201,7 +201,10 @@ def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
     else:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(out_dir / "target", local_files_only=True)
+        # The tokenizer stage's own folder is not committed; every checkpoint carries a copy.
+        saved = out_dir / "tokenizer"
+        tok = AutoTokenizer.from_pretrained(saved if saved.exists() else out_dir / "target",
+                                            local_files_only=True)
     stream = encode_corpus(tok, train_files)
     print(f"training stream: {len(stream):,} tokens")
     log["train_tokens"] = len(stream)
@@ -214,6 +217,7 @@ def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
         save(target, tok, out_dir / "target_stage1")
         log["target_cycle1_minutes"] = (time.time() - stage_started) / 60
         log["target_cycle1_final_loss"] = sum(losses[-20:]) / 20
+        log_path.write_text(json.dumps(log, indent=1))  # each stage's record survives a later stop
 
     if "target_continue" in todo:
         stage_started = time.time()
@@ -223,6 +227,7 @@ def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
         save(target, tok, out_dir / "target")
         log["target_cycle2_minutes"] = (time.time() - stage_started) / 60
         log["target_final_loss"] = sum(losses[-20:]) / 20
+        log_path.write_text(json.dumps(log, indent=1))
 
     stage_started = time.time()
     target, _ = load(out_dir / "target")
