@@ -1,10 +1,12 @@
 """Client-side measurement through the real gRPC service: one stream, or many at once."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from speccascade.client import SpecCascadeClient
 
@@ -136,3 +138,40 @@ def rpc_floor_ms(app_name: str, calls: int = 100) -> dict[str, float]:
                 "ray_actor": median_ms(lambda: ray.get(actor.call.remote()))}
     finally:
         ray.kill(actor)
+
+
+def _process_name(cmdline: str) -> str | None:
+    """Ray titles its workers "ray::<what>[.<running method>]"; Serve replicas
+    "ray::ServeReplica:<app>:<deployment>"."""
+    first = cmdline.split(" ")[0]
+    if first.startswith("ray::"):
+        return first[len("ray::"):].split(":")[-1].split(".")[0] or None
+    for daemon in ("raylet", "gcs_server"):
+        if daemon in first:
+            return daemon
+    return None
+
+
+def cpu_seconds_by_process() -> dict[str, float]:
+    """User + system CPU seconds of this machine's Ray processes by name (Linux /proc), and of
+    this process (the benchmark's gRPC client) as "client"."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        name = _process_name(cmdline)
+        if name and stat.parent.name != str(os.getpid()):
+            found[name] = found.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    own = os.times()
+    found["client"] = own.user + own.system
+    return found
+
+
+def cpu_ms_per_round(before: dict[str, float], after: dict[str, float], rounds: int) -> dict[str, float]:
+    return {name: (after[name] - before.get(name, 0.0)) * 1000 / max(rounds, 1)
+            for name in sorted(after) if after[name] - before.get(name, 0.0) > 0}

@@ -38,6 +38,24 @@ def _cascade_table(cascades: dict, sequential: dict, target_latency: float) -> l
     return rows
 
 
+def _cpu_table(concurrency: dict) -> list[str]:
+    """CPU ms per speculative round by process, per concurrency level: where the cores went."""
+    levels = sorted(concurrency, key=int)
+    if not all("cpu_ms_per_round" in concurrency[n] for n in levels):
+        return []
+    names = sorted({name for n in levels for name, ms in concurrency[n]["cpu_ms_per_round"].items()
+                    if ms >= 0.5})
+    lines = ["CPU time per round (ms, all cores, by process) and how busy both cores were:", "",
+             "| process | " + " | ".join(f"{n} streams" for n in levels) + " |",
+             "|---|" + "---:|" * len(levels)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(
+            f"{concurrency[n]['cpu_ms_per_round'].get(name, 0.0):.1f}" for n in levels) + " |")
+    lines.append("| **cores busy** | " + " | ".join(
+        f"{concurrency[n]['cpu_busy_fraction']:.0%}" for n in levels) + " |")
+    return lines
+
+
 def plot_speed(results: dict, path: Path) -> None:
     speed = results["service"]["speed"]
     derived, target = results["derived"], speed["TARGET"]["tokens_per_s"]
@@ -148,4 +166,5 @@ def write(results: dict, out_dir: Path, markdown: Path) -> None:
     for streams, c in sorted(results["service"]["concurrency"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {streams} | {c['aggregate_tokens_per_s']:.1f} | {c['latency_ms_p95']:.0f} | "
                      f"{c['itl_ms_p95']:.1f} |")
+    lines += ["", *_cpu_table(results["service"]["concurrency"])]
     markdown.write_text("\n".join(lines) + "\n")

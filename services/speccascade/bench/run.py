@@ -8,6 +8,7 @@ Results: JSON, BENCHMARKS.md and PNG plots. Timings are ratios measured here in 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from speccascade.bench import bounds
-from speccascade.bench.measure import rpc_floor_ms, run_concurrent, run_sequential, summarize
+from speccascade.bench.measure import (cpu_ms_per_round, cpu_seconds_by_process, rpc_floor_ms,
+                                       run_concurrent, run_sequential, summarize)
 from speccascade.bench.peers import (engine_generate, hf_generate, sequential_cascade,
                                      target_log_likelihood)
 from speccascade.bench.workload import quality_tasks, throughput_prompts
@@ -167,10 +169,17 @@ def _service_runs(client, plan, prompts, tasks, target, engine) -> dict:
     with tqdm(total=len(levels), desc="service: concurrency", unit="level") as bar:
         for streams in levels:
             batch = [prompts[i % len(prompts)] for i in range(streams * plan.requests_per_stream)]
+            cpu_before = cpu_seconds_by_process()
             runs, wall = run_concurrent(client, batch, streams, mode="speculative",
                                         num_draft_tokens=plan.gamma, max_new_tokens=plan.new_tokens)
+            cpu_after = cpu_seconds_by_process()
             summary = summarize(runs)
             summary["aggregate_tokens_per_s"] = summary["tokens"] / wall
+            # Where the cores went: CPU per round by process, and how busy the machine was.
+            rounds = sum(r.stats.get("rounds", 0) for r in runs)
+            summary["cpu_ms_per_round"] = cpu_ms_per_round(cpu_before, cpu_after, rounds)
+            summary["cpu_busy_fraction"] = (sum(cpu_after.values()) - sum(cpu_before.values())) / (
+                wall * (os.cpu_count() or 1))
             out["concurrency"][streams] = summary
             bar.update()
     return out
