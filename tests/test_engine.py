@@ -118,6 +118,19 @@ def test_kv_entries_released_after_requests(engine):
     assert engine.verifier.worker.live_sequences() == 0
 
 
+@pytest.mark.parametrize("pair", ["tiny_pair", "tiny_twins"])
+def test_speculative_runs_up_to_the_last_position_of_the_context(pair, request):
+    """prompt + max_new_tokens == context: the block drafted ahead during verification must stop
+    at the context too (it once ran one past it and failed the request)."""
+    engine = Engine.from_paths(*request.getfixturevalue(pair), dtype="float64")
+    new_tokens = 24
+    prompt = [(7 * i) % 200 + 3 for i in range(engine.max_seq_len - new_tokens)]
+    for gamma in (1, 4, 7):
+        target, speculative = (run(engine, mode, [prompt], new_tokens, num_draft_tokens=gamma)[0]
+                               for mode in (Mode.TARGET, Mode.SPECULATIVE))
+        assert speculative.token_ids == target.token_ids and len(target.token_ids) == new_tokens
+
+
 def test_runner_batched_logits_equal_one_at_a_time(tiny_pair):
     model = load_model(tiny_pair[0], dtype="float64")
     runner = ModelRunner(model, max_live_seqs=8)
