@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_models_build)
     evaluate = models_sub.add_parser("eval", help="losses, line completion, acceptance, step costs")
     _add_pair_args(evaluate)
-    evaluate.add_argument("--tasks", type=int, default=200)
+    evaluate.add_argument("--tasks", type=int, default=2000, help="line-completion tasks")
     evaluate.add_argument("--out", default=None, help="write the JSON card here")
     evaluate.set_defaults(func=_models_eval)
 

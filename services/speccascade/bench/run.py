@@ -78,7 +78,7 @@ def run_bench(plan: BenchPlan, out_dir: Path) -> dict:
     target = engine.verifier.worker.runner.model
     draft = engine.drafter.worker.runner.model
     prompts = throughput_prompts(engine.tokenizer, plan.prompts)
-    tasks = quality_tasks(plan.quality_tasks)
+    tasks = quality_tasks(engine.tokenizer, plan.quality_tasks)
     n = len(prompts)
 
     # 1. Step costs, in process (one thread, as each replica runs).

@@ -18,5 +18,5 @@ def throughput_prompts(tokenizer, n: int, prompt_tokens: int = 128) -> list[list
     return prompts
 
 
-def quality_tasks(n: int) -> list[LineTask]:
-    return line_completion_tasks(n, seed=1)
+def quality_tasks(tokenizer, n: int) -> list[LineTask]:
+    return line_completion_tasks(tokenizer, n, seed=1)

@@ -42,7 +42,9 @@ class BuildConfig:
     seed: int = 0
     vocab_size: int = 8192
     seq_len: int = 256
-    max_position_embeddings: int = 1024
+    # The context the pair declares: the window it is trained on. Declaring more would promise
+    # positions it never saw (measured: greedy α 0.54 on 400-token prompts, 0.76 within 256).
+    max_position_embeddings: int = 256
     threads: int = 2
     target: Shape = field(default_factory=lambda: Shape(384, 1024, 8, 6))  # 17 M params
     draft: Shape = field(default_factory=lambda: Shape(192, 512, 3, 3))  # 3.4 M params
@@ -166,11 +168,9 @@ def save(model, tok, out_dir: Path) -> None:
 def load(path: Path):
     """A checkpoint saved by `save`, back in fp32: every stage reads the saved bf16 weights, so a
     resumed build trains exactly what a full build would."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    return model, tok
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
 
 
 STAGES = ("tokenizer", "target", "target_continue", "draft")
@@ -221,7 +221,7 @@ def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
 
     if "target_continue" in todo:
         stage_started = time.time()
-        target, _ = load(out_dir / "target_stage1")
+        target = load(out_dir / "target_stage1")
         losses = train(target, stream, cfg, cfg.target_continue_steps, cfg.target_batch,
                        cfg.target_continue_lr, "target (cycle 2)", data_seed=3)
         save(target, tok, out_dir / "target")
@@ -230,7 +230,7 @@ def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
         log_path.write_text(json.dumps(log, indent=1))
 
     stage_started = time.time()
-    target, _ = load(out_dir / "target")
+    target = load(out_dir / "target")
     target.eval()
     torch.manual_seed(cfg.seed + 1)
     draft = make_model(cfg.draft, cfg, tok)

@@ -2,13 +2,17 @@
 
     speccascade models eval [--target DIR --draft DIR] [--out card.json]
 
-Line completion: at a sampled line of a held-out file, the model sees the file up to that line and
-greedily writes on; its next line is compared with the file's; exact match compares stripped lines, edit similarity is difflib's ratio.
+Line completion: at a sampled line of a held-out file, the model sees the file up to that line (as
+many whole lines as fit in PROMPT_TOKENS) and greedily writes on; its next line is compared with
+the file's. Exact match compares stripped lines, edit similarity is difflib's ratio. Whole-line
+exact match is rare for models this small (about 1 % of lines), so it takes thousands of tasks and
+a paired sign test to tell two models apart.
 """
 from __future__ import annotations
 
 import difflib
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -22,6 +26,12 @@ from speccascade.models.corpus import read_text, split_files
 
 
 LINE_TOKENS = 32  # enough for the rest of the prompt's line, the newline and the whole next line
+# The default pair trains on 256-token windows: a prompt of PROMPT_TOKENS plus the tokens generated
+# after it (LINE_TOKENS, or ACCEPTANCE_TOKENS when measuring acceptance) stays inside them.
+PROMPT_TOKENS = 192
+ACCEPTANCE_TOKENS = 64
+ACCEPTANCE_PROMPTS = 200
+CHUNK = 200  # sequences per engine call
 
 
 @dataclass(frozen=True)
@@ -30,8 +40,14 @@ class LineTask:
     answer: str     # the line itself, stripped
 
 
-def line_completion_tasks(n: int = 200, seed: int = 0, max_prompt_chars: int = 1200) -> list[LineTask]:
-    """n deterministic tasks from held-out files: lines with ≥ 8 non-blank characters."""
+def line_completion_tasks(tokenizer, n: int = 200, seed: int = 0,
+                          max_prompt_tokens: int = PROMPT_TOKENS) -> list[LineTask]:
+    """n deterministic tasks from held-out files: lines with ≥ 8 non-blank characters.
+
+    The prompt keeps as many whole lines before the task line as fit in max_prompt_tokens, so
+    prompt and answer stay inside the context the models were trained on (a model asked to
+    read past it is measured on positions it never saw).
+    """
     rng = random.Random(seed)
     _, held_out = split_files()
     candidates = []
@@ -47,9 +63,19 @@ def line_completion_tasks(n: int = 200, seed: int = 0, max_prompt_chars: int = 1
         # newline with the indentation after it, and a space with the word after it, so a prompt
         # cut at the newline or after the indentation ends in a token the model never saw there
         # (the token-healing problem); this cut is a clean token boundary.
-        prefix = "".join(lines[:i]).rstrip()[-max_prompt_chars:]
+        first = i - 1
+        while first > 0 and _tokens("".join(lines[first - 1:i]).rstrip(), tokenizer) <= max_prompt_tokens:
+            first -= 1
+        prefix = "".join(lines[first:i]).rstrip()
+        if _tokens(prefix, tokenizer) > max_prompt_tokens:  # one very long line: keep its end
+            ids = tokenizer(prefix, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+            prefix = tokenizer.decode(ids)
         tasks.append(LineTask(prefix, lines[i].strip()))
     return tasks
+
+
+def _tokens(text: str, tokenizer) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def exact_match(prediction: str, answer: str) -> float:
@@ -121,18 +147,39 @@ def step_ms(model, context: int = 128, new_tokens: int = 1, repeats: int = 30) -
     return sorted(times[3:])[repeats // 2]
 
 
-def evaluate(target_dir, draft_dir, *, tasks: int = 200, threads: int = 1, dtype: str = "float32",
+def generate_in_chunks(engine, prompts: list[str], **fields) -> list:
+    """Greedy results for every prompt, CHUNK sequences at a time (bounded logits memory)."""
+    results = []
+    mode = fields["mode"].name
+    for start in tqdm(range(0, len(prompts), CHUNK), desc=f"{mode.lower()} generate",
+                          unit="chunk", leave=False):
+        results += engine.generate([engine.request(p, f"{mode}{start + i}", **fields)
+                                    for i, p in enumerate(prompts[start: start + CHUNK])])
+    return results
+
+
+def sign_test(a_hits: list[float], b_hits: list[float]) -> tuple[int, int, float]:
+    """Paired exact sign test on tasks where exactly one model is right: (a only, b only,
+    one-sided p-value of a winning that many under 'a and b are equally good')."""
+    a_only = sum(1 for a, b in zip(a_hits, b_hits) if a and not b)
+    b_only = sum(1 for a, b in zip(a_hits, b_hits) if b and not a)
+    n = a_only + b_only
+    p = sum(math.comb(n, k) for k in range(a_only, n + 1)) / 2 ** n if n else 1.0
+    return a_only, b_only, p
+
+
+def evaluate(target_dir, draft_dir, *, tasks: int = 2000, threads: int = 1, dtype: str = "float32",
              gamma: int = 4) -> dict:
     from speccascade.bench.bounds import alpha_from_mean_accepted_length
     from speccascade.engine.engine import Engine
     from speccascade.engine.loop import Mode
 
-    torch.set_num_threads(threads)
-    engine = Engine.from_paths(target_dir, draft_dir, dtype=dtype, max_live_seqs=max(64, tasks))
+    cores = torch.get_num_threads()
+    engine = Engine.from_paths(target_dir, draft_dir, dtype=dtype, max_live_seqs=CHUNK)
     target = engine.verifier.worker.runner.model
     draft = engine.drafter.worker.runner.model
     tok = engine.tokenizer
-    card: dict = {"target": str(target_dir), "draft": str(draft_dir), "dtype": dtype,
+    card: dict = {"target": _shown(target_dir), "draft": _shown(draft_dir), "dtype": dtype,
                   "threads": threads,
                   "target_params_m": sum(p.numel() for p in target.parameters()) / 1e6,
                   "draft_params_m": sum(p.numel() for p in draft.parameters()) / 1e6}
@@ -141,23 +188,30 @@ def evaluate(target_dir, draft_dir, *, tasks: int = 200, threads: int = 1, dtype
         card["draft_loss"] = held_out_loss(draft, tok); bar.update()
         card["sampling_acceptance"], card["greedy_agreement_teacher_forced"] = agreement(
             target, draft, tok); bar.update()
+        torch.set_num_threads(threads)  # step costs as a replica runs; quality uses every core
         card["target_step_ms"] = step_ms(target)
         card["draft_step_ms"] = step_ms(draft)
         card["verify_step_ms"] = step_ms(target, new_tokens=gamma + 1)
         card["cost_ratio_c"] = card["draft_step_ms"] / card["target_step_ms"]; bar.update()
-        line_tasks = line_completion_tasks(tasks)
+        torch.set_num_threads(cores)
+        line_tasks = line_completion_tasks(tok, tasks)
+        answers = [t.answer for t in line_tasks]
+        hits = {}
         for mode in (Mode.TARGET, Mode.DRAFT):
-            results = engine.generate([engine.request(t.prompt, f"{mode.name}{i}", mode=mode,
-                                                      max_new_tokens=LINE_TOKENS)
-                                       for i, t in enumerate(line_tasks)])
+            results = generate_in_chunks(engine, [t.prompt for t in line_tasks], mode=mode,
+                                         max_new_tokens=LINE_TOKENS)
             preds = [predicted_line(r.text) for r in results]
             name = mode.name.lower()
-            card[f"{name}_line_exact_match"] = sum(map(exact_match, preds, [t.answer for t in line_tasks])) / len(line_tasks)
-            card[f"{name}_line_edit_similarity"] = sum(map(edit_similarity, preds, [t.answer for t in line_tasks])) / len(line_tasks)
+            hits[name] = list(map(exact_match, preds, answers))
+            card[f"{name}_line_exact_match"] = sum(hits[name]) / len(line_tasks)
+            card[f"{name}_line_edit_similarity"] = sum(map(edit_similarity, preds, answers)) / len(line_tasks)
+        card["line_tasks"] = len(line_tasks)
+        card["line_exact_match_target_only"], card["line_exact_match_draft_only"], \
+            card["line_exact_match_sign_test_p"] = sign_test(hits["target"], hits["draft"])
         bar.update()
-        spec = engine.generate([engine.request(t.prompt, f"S{i}", mode=Mode.SPECULATIVE,
-                                               max_new_tokens=64, num_draft_tokens=gamma)
-                                for i, t in enumerate(line_tasks[:60])])
+        spec = generate_in_chunks(engine, [t.prompt for t in line_tasks[:ACCEPTANCE_PROMPTS]],
+                                  mode=Mode.SPECULATIVE, max_new_tokens=ACCEPTANCE_TOKENS,
+                                  num_draft_tokens=gamma)
         drafted = sum(r.stats.drafted for r in spec)
         rounds = sum(r.stats.rounds for r in spec)
         card["mean_accepted_length"] = (sum(r.stats.accepted for r in spec) + rounds) / rounds
@@ -170,6 +224,12 @@ def evaluate(target_dir, draft_dir, *, tasks: int = 200, threads: int = 1, dtype
         bar.update()
     card["loss_gap_nats"] = card["draft_loss"] - card["target_loss"]
     return card
+
+
+def _shown(path) -> str:
+    """The path relative to the working directory when inside it: a committed card names no machine."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def main(args) -> None:
