@@ -6,19 +6,13 @@ application; it asserts what the run produced and that greedy outputs were lossl
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from conftest import free_port
 from speccascade.bench import bounds
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_expected_tokens_matches_its_series():
@@ -50,7 +44,7 @@ def test_quick_bench_runs_end_to_end(tmp_path):
     out = tmp_path / "bench"
     markdown = tmp_path / "BENCHMARKS.md"
     subprocess.run([sys.executable, "-m", "speccascade.cli", "bench", "--quick", "--out", str(out),
-                    "--markdown", str(markdown), "--grpc-port", str(_free_port())],
+                    "--markdown", str(markdown), "--grpc-port", str(free_port())],
                    check=True, timeout=900)
     results = json.loads((out / "results.json").read_text())
     for plot in ("speed.png", "cascades.png", "concurrency.png"):

@@ -39,14 +39,17 @@ def _generate(args) -> None:
     torch.set_num_threads(args.threads)
     engine = Engine.from_paths(args.target, args.draft, dtype=args.dtype, device=args.device)
     rule = DeferralRule[args.rule.upper()]
-    cascade = CascadeParams(rule, SD_END[rule] if args.alpha is None else args.alpha)
-    request = engine.request(
-        args.prompt, mode=Mode[args.mode.upper()], max_new_tokens=args.max_new_tokens,
-        num_draft_tokens=args.num_draft_tokens,
-        sampling=SamplingParams(args.temperature, args.top_k, args.top_p,
-                                random.getrandbits(63) if args.seed is None else args.seed),
-        cascade=cascade if args.mode == "cascade" else None, stop=tuple(args.stop),
-        pipelined=not args.no_pipeline)
+    try:
+        cascade = CascadeParams(rule, SD_END[rule] if args.alpha is None else args.alpha)
+        request = engine.request(
+            args.prompt, mode=Mode[args.mode.upper()], max_new_tokens=args.max_new_tokens,
+            num_draft_tokens=args.num_draft_tokens,
+            sampling=SamplingParams(args.temperature, args.top_k, args.top_p,
+                                    random.getrandbits(63) if args.seed is None else args.seed),
+            cascade=cascade if args.mode == "cascade" else None, stop=tuple(args.stop),
+            pipelined=not args.no_pipeline)
+    except ValueError as error:  # bad request options: say which, without a traceback
+        sys.exit(f"speccascade generate: {error}")
     [result] = engine.generate([request])
     s = result.stats
     print(args.prompt + result.text)
