@@ -40,10 +40,6 @@ class Engine:
     def request(self, prompt: str | list[int], request_id: str = "0", **fields) -> GenerationRequest:
         """A GenerationRequest with this model's EOS and context filled in."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        max_new_tokens = fields.get("max_new_tokens", 0)
-        if len(ids) + max_new_tokens > self.max_seq_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
-                             f"exceeds the model context of {self.max_seq_len} tokens")
         eos = self.tokenizer.eos_token_id
         return GenerationRequest(request_id=request_id, prompt_ids=ids,
                                  eos_token_ids=frozenset() if eos is None else frozenset([eos]),

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Awaitable, Callable
 from speccascade.engine.seam import (DraftRequest, DraftResult, Drafter, RequestStats,
                                      Verifier, VerifyRequest)
 from speccascade.engine.transcript import Transcript
-from speccascade.sampling import CascadeParams, SamplingParams
+from speccascade.sampling import CascadeParams, ParamError, SamplingParams
 
 
 class Mode(enum.IntEnum):
@@ -49,6 +49,13 @@ class GenerationRequest:
     pipelined: bool = True
     draft_stop_below: float = 0.0             # stop a draft block early when the draft is unsure
     max_seq_len: int = 1 << 30                # model context; blocks never run past it
+
+    def __post_init__(self):
+        # Checked here, where every caller (router, in-process engine, CLI) builds a request.
+        if len(self.prompt_ids) + self.max_new_tokens > self.max_seq_len:
+            raise ParamError("max_new_tokens", f"prompt ({len(self.prompt_ids)} tokens) + "
+                             f"max_new_tokens ({self.max_new_tokens}) exceeds the model context "
+                             f"of {self.max_seq_len} tokens")
 
 
 @dataclass
@@ -80,10 +87,15 @@ class _State:
     def __post_init__(self):
         self.current_gamma = self.request.num_draft_tokens
 
+    def room(self, tokens: list[int]) -> int:
+        """Tokens that may be drafted after `tokens` so that the verified result (drafts plus the
+        recovered or bonus token) stays inside the model context."""
+        return self.request.max_seq_len - len(tokens) - 1
+
     def gamma(self) -> int:
         """γ for this round: never draft past max_new_tokens or the model context."""
-        room = self.request.max_seq_len - len(self.committed) - 1
-        return max(0, min(self.current_gamma, self.transcript.remaining - 1, room))
+        return max(0, min(self.current_gamma, self.transcript.remaining - 1,
+                          self.room(self.committed)))
 
     def adapt_gamma(self, drafted: int, accepted: int) -> None:
         """Transformers' heuristic schedule: +2 after a fully accepted block, −1 otherwise."""
@@ -153,7 +165,7 @@ async def _speculative_round(state: _State) -> list[int]:
         r.request_id, state.committed, block.tokens, r.sampling, block.logits, r.cascade)))
     base = state.committed + block.tokens
     # The bonus guess and block k+1, cut where they would run past the model context.
-    ahead = min(gamma + 1, r.max_seq_len - len(base) - 1)
+    ahead = min(gamma + 1, state.room(base))
     if r.pipelined and state.transcript.remaining > len(block.tokens) + 1 and ahead > 1:
         state.speculation = _Speculation(base, asyncio.ensure_future(
             state.drafter.draft(state.draft_request(base, ahead))))

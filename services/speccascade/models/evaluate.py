@@ -164,7 +164,7 @@ def generate_in_chunks(engine, prompts: list[str], **fields) -> list:
     results = []
     mode = fields["mode"].name
     for start in tqdm(range(0, len(prompts), CHUNK), desc=f"{mode.lower()} generate",
-                          unit="chunk", leave=False):
+                      unit="chunk", leave=False):
         results += engine.generate([engine.request(p, f"{mode}{start + i}", **fields)
                                     for i, p in enumerate(prompts[start: start + CHUNK])])
     return results

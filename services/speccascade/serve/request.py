@@ -114,10 +114,6 @@ def to_generation_request(msg: pb.GenerateRequest | Undecodable, *, request_id: 
     if not 1 <= msg.max_new_tokens <= limits.max_new_tokens:
         raise ParamError("max_new_tokens", f"max_new_tokens must be in "
                          f"[1, {limits.max_new_tokens}], got {msg.max_new_tokens}")
-    if len(prompt_ids) + msg.max_new_tokens > limits.max_seq_len:
-        raise ParamError("max_new_tokens", f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
-                         f"({msg.max_new_tokens}) exceeds the model context of "
-                         f"{limits.max_seq_len} tokens")
     mode = _mode(msg)
     gamma = msg.num_draft_tokens or limits.default_num_draft_tokens
     validate_num_draft_tokens(gamma, limits.max_num_draft_tokens)
