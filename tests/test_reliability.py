@@ -209,15 +209,18 @@ def test_deadline_exceeded_stops_the_work_and_frees_kv(service, kind):
     assert verify_calls(service) - calls < rounds
 
 
-def test_cancel_mid_stream_stops_the_work_and_frees_kv(service):
+@pytest.mark.parametrize("read", [1, 2, 3, 5])
+def test_cancel_mid_stream_stops_the_work_and_frees_kv(service, read):
+    """Cancels after `read` messages: the client goes away at different moments of the proxy's
+    cycle (awaiting the router or writing a message; serve.ingress.cancel_on_disconnect)."""
     prompt = PROMPTS[1]
     rounds = _full_rounds(service, prompt)
     wait_idle(service)
     calls = verify_calls(service)
     stream = service.generate_stream(prompt, max_new_tokens=LONG, mode="speculative",
                                      num_draft_tokens=1)
-    next(stream)
-    next(stream)
+    for _ in range(read):
+        next(stream)
     assert any(r.live_sequences for r in service.stats().replicas)  # mid-generation
     stream.cancel()
     wait_idle(service)

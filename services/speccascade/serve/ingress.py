@@ -1,15 +1,20 @@
 """The servicer function Serve's gRPC proxy registers for `speccascade.v1.Generation`.
 
-It is the generated `add_GenerationServicer_to_server` with one change. The proxy parses each
-request itself, before any of our code runs, and a GenerateRequest that does not parse (protobuf
-rejects a string field holding invalid UTF-8) would be answered with a bare INTERNAL. Here such a
-request becomes an `Undecodable` naming the field, which the router's validation
-(serve.request) answers with INVALID_ARGUMENT like every other bad field.
+It is the generated `add_GenerationServicer_to_server` with two changes.
+
+- Undecodable requests. The proxy parses each request itself, before any of our code runs, and a
+  GenerateRequest that does not parse (protobuf rejects a string field holding invalid UTF-8)
+  would be answered with a bare INTERNAL. Here such a request becomes an `Undecodable` naming the
+  field, which the router's validation (serve.request) answers with INVALID_ARGUMENT like every
+  other bad field.
+- Streams stop when their client goes away (`cancel_on_disconnect`).
 
 The proxy imports this module: it stays light (no torch, no transformers).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
 
 import grpc
@@ -91,12 +96,68 @@ class _Collect:
         self.service, self.handlers = service, handlers
 
 
+def cancel_on_disconnect(unary_stream):
+    """`unary_stream` (the proxy's handler of a server-streaming RPC), made to stop its call to
+    the router when the client goes away at any moment.
+
+    Serve 2.60's proxy cancels its call to the router only when the client goes away while the
+    proxy awaits the router's next message. When the client goes away while grpc is sending a
+    message, grpc stops iterating the proxy's generator and leaves it suspended at a `yield`;
+    when it is closed later, the proxy swallows the GeneratorExit and the router's call runs to
+    its end, holding a router slot and KV entries (measured: 2 of 30 mid-stream cancels, see
+    tests/test_ingress.py). Here the proxy's generator runs in a task that only ever waits for
+    the router (messages go to an unbounded queue) and this handler is a coroutine that writes
+    them: grpc cancels the handler wherever it waits, and the handler cancels that task and
+    waits for the proxy to finish, all while the RPC is still open (after it closes, touching
+    its context crashes the process)."""
+    end = object()
+
+    async def handler(request, context) -> None:
+        messages: asyncio.Queue = asyncio.Queue()
+
+        async def pump():
+            try:
+                async for message in unary_stream(request, context):
+                    messages.put_nowait(message)
+            finally:
+                messages.put_nowait(end)
+
+        task = asyncio.get_running_loop().create_task(pump())
+        try:
+            while (message := await messages.get()) is not end:
+                await context.write(message)
+            await task  # the proxy's own errors surface here
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+
+    return handler
+
+
+def _cancelling_streams(factory):
+    """Serve's handler factory with every server-streaming handler under cancel_on_disconnect."""
+    def make(service_method, streaming_type):
+        made = factory(service_method=service_method, streaming_type=streaming_type)
+        return cancel_on_disconnect(made) if streaming_type.name == "UNARY_STREAM" else made
+    return make
+
+
 def add_GenerationServicer_to_server(servicer, server) -> None:  # noqa: N802 - grpc's name
     found = _Collect()
     pb_grpc.add_GenerationServicer_to_server(servicer, found)
     handlers = {name: handler._replace(request_deserializer=decode_request)
                 if name in DECODED_METHODS else handler
                 for name, handler in found.handlers.items()}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(found.service,
-                                                                          handlers),))
-    server.add_registered_method_handlers(found.service, handlers)
+    # Serve's server builds its handlers with `service_handler_factory` while they are added;
+    # the wrapped factory applies to this service only.
+    factory = getattr(server, "service_handler_factory", None)
+    if factory is not None:
+        server.service_handler_factory = _cancelling_streams(factory)
+    try:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(found.service,
+                                                                              handlers),))
+        server.add_registered_method_handlers(found.service, handlers)
+    finally:
+        if factory is not None:
+            server.service_handler_factory = factory
