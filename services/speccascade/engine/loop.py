@@ -163,12 +163,13 @@ async def _speculative_round(state: _State) -> list[int]:
     # 2. Verify it; meanwhile draft block k+1 assuming block k is accepted.
     verifying = asyncio.ensure_future(state.verifier.verify(VerifyRequest(
         r.request_id, state.committed, block.tokens, r.sampling, block.logits, r.cascade)))
-    base = state.committed + block.tokens
-    # The bonus guess and block k+1, cut where they would run past the model context.
-    ahead = min(gamma + 1, state.room(base))
-    if r.pipelined and state.transcript.remaining > len(block.tokens) + 1 and ahead > 1:
-        state.speculation = _Speculation(base, asyncio.ensure_future(
-            state.drafter.draft(state.draft_request(base, ahead))))
+    if r.pipelined and state.transcript.remaining > len(block.tokens) + 1:
+        base = state.committed + block.tokens
+        # The bonus guess and block k+1, cut where they would run past the model context.
+        ahead = min(gamma + 1, state.room(base))
+        if ahead > 1:
+            state.speculation = _Speculation(base, asyncio.ensure_future(
+                state.drafter.draft(state.draft_request(base, ahead))))
     result = await verifying
     # 3. Account.
     state.stats.drafted += len(block.tokens)

@@ -50,8 +50,9 @@ class DraftWorker(_Worker):
         while active:
             logits = torch.stack(self.runner.forward(
                 [(r.seq_id, sequences[r.seq_id], 1) for r in active]))  # [batch, 1, vocab]
-            if any(r.want_logits for r in active):  # greedy speculative batches ship no logits
-                shipped = torch.tensor([r.want_logits for r in active])[:, None, None]  # [batch, 1, 1]
+            wanted = [r.want_logits for r in active]
+            if any(wanted):  # greedy speculative batches ship no logits
+                shipped = torch.tensor(wanted)[:, None, None]  # [batch, 1, 1]
                 logits = torch.where(shipped, logits.to(DRAFT_LOGITS_DTYPE).to(logits.dtype), logits)
             q = sampling.process_logits(logits, [r.sampling for r in active])  # [batch, 1, vocab]
             tokens = self._sample(q[:, 0], active, step)  # [batch]

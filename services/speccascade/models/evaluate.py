@@ -65,18 +65,19 @@ def line_completion_tasks(tokenizer, n: int = 200, seed: int = 0,
         # cut at the newline or after the indentation ends in a token the model never saw there
         # (the token-healing problem); this cut is a clean token boundary.
         first = i - 1
-        while first > 0 and _tokens("".join(lines[first - 1:i]).rstrip(), tokenizer) <= max_prompt_tokens:
+        while first > 0 and len(_ids(tokenizer, "".join(lines[first - 1:i]).rstrip())) \
+                <= max_prompt_tokens:
             first -= 1
         prefix = "".join(lines[first:i]).rstrip()
-        if _tokens(prefix, tokenizer) > max_prompt_tokens:  # one very long line: keep its end
-            ids = tokenizer(prefix, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
-            prefix = tokenizer.decode(ids)
+        ids = _ids(tokenizer, prefix)
+        if len(ids) > max_prompt_tokens:  # one very long line: keep its end
+            prefix = tokenizer.decode(ids[-max_prompt_tokens:])
         tasks.append(LineTask(prefix, lines[i].strip()))
     return tasks
 
 
-def _tokens(text: str, tokenizer) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def exact_match(prediction: str, answer: str) -> float:
@@ -98,7 +99,7 @@ def held_out_loss(model, tokenizer, max_tokens: int = 60_000, window: int = 256)
     _, held_out = split_files()
     total, count = 0.0, 0
     for path in held_out:
-        ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
+        ids = _ids(tokenizer, read_text(path))
         for start in range(0, len(ids) - 1, window):
             chunk = torch.tensor([ids[start: start + window + 1]])
             if chunk.shape[1] < 2:
@@ -118,7 +119,7 @@ def agreement(target, draft, tokenizer, max_tokens: int = 20_000) -> tuple[float
     _, held_out = split_files()
     acc, same, count = 0.0, 0, 0
     for path in held_out:
-        ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"][:257]
+        ids = _ids(tokenizer, read_text(path))[:257]
         if len(ids) < 2:
             continue
         x = torch.tensor([ids[:-1]])

@@ -14,7 +14,6 @@ The proxy imports this module: it stays light (no torch, no transformers).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 
 import grpc
