@@ -44,13 +44,14 @@ def test_quick_bench_runs_end_to_end(tmp_path):
     out = tmp_path / "bench"
     markdown = tmp_path / "BENCHMARKS.md"
     subprocess.run([sys.executable, "-m", "speccascade.cli", "bench", "--quick", "--out", str(out),
-                    "--markdown", str(markdown), "--grpc-port", str(free_port())],
+                    "--markdown", str(markdown), "--grpc-port", str(free_port()),
+                    "--dtype", "float32"],  # fp32: greedy equality is exact
                    check=True, timeout=900)
     results = json.loads((out / "results.json").read_text())
-    for plot in ("speed.png", "cascades.png", "concurrency.png"):
+    for plot in ("speed.png", "sampled.png", "cascades.png", "concurrency.png"):
         assert (out / plot).stat().st_size > 1000
     text = markdown.read_text()
-    assert "## Goals (issue 5)" in text and "![cascades]" in text
+    assert "## Goals" in text and "![cascades]" in text and "## Sampled decoding" in text
     # Lossless in both places, and every configuration was actually measured.
     assert results["in_process_greedy_equal"] is True
     assert results["derived"]["greedy_equal_to_target"] is True
@@ -61,4 +62,14 @@ def test_quick_bench_runs_end_to_end(tmp_path):
     cascades = results["service"]["cascade"]
     assert {c["fields"].get("deferral_rule") for c in cascades.values()} >= {
         "CHOW", "DIFF", "OPT", "TOKEN_V1", "TOKEN_V2", "TOKEN_V3"}
-    assert set(results["service"]["concurrency"]) == {"1", "4"}
+    sampled = results["service"]["sampled"]
+    assert {"TARGET", "SPECULATIVE pipelined", "CASCADE TOKEN_V3 SD end"} <= set(sampled)
+    assert all(s["tokens"] > 0 for s in sampled.values())
+    assert sampled["SPECULATIVE pipelined"]["acceptance_rate"] > 0
+    # CPU per round by process, measured for every single-stream configuration.
+    assert "Router" in speed["SPECULATIVE pipelined"]["cpu_ms_per_round"]
+    concurrency = results["service"]["concurrency"]
+    assert set(concurrency) == {"TARGET", "SPECULATIVE"}
+    assert all(set(levels) == {"1", "4"} for levels in concurrency.values())
+    assert concurrency["SPECULATIVE"]["4"]["mean_batch_size"]["verifier"] >= 1.0
+    assert 0 < results["runner_overhead"]["target"]["forward_ms"]

@@ -14,6 +14,8 @@ def add_bench_parser(subparsers) -> None:
     parser.add_argument("--grpc-port", type=int, default=9123)
     parser.add_argument("--target", default=None, help="local checkpoint (default: embedded pair)")
     parser.add_argument("--draft", default=None, help="local checkpoint (default: embedded pair)")
+    parser.add_argument("--dtype", default=None, help="both models (default: the config's, auto); "
+                        "float32 makes greedy equality exact")
     parser.set_defaults(func=_bench)
 
 
@@ -25,7 +27,7 @@ def _bench(args: argparse.Namespace) -> None:
     from speccascade.bench.run import BenchPlan, run_bench
 
     plan = replace(BenchPlan.quick() if args.quick else BenchPlan(), grpc_port=args.grpc_port,
-                   target=args.target, draft=args.draft)
+                   target=args.target, draft=args.draft, dtype=args.dtype)
     scratch = Path(tempfile.mkdtemp(prefix="speccascade-bench-")) if args.quick else None
     out = Path(args.out) if args.out else (scratch or Path("benchmarks"))
     markdown = Path(args.markdown) if args.markdown else (out / "BENCHMARKS.md" if args.quick
@@ -33,5 +35,5 @@ def _bench(args: argparse.Namespace) -> None:
     results = run_bench(plan, out)
     write(results, out, markdown)
     print(f"wrote {out / 'results.json'}, {markdown} and plots in {out}")
-    for name, (value, goal, op) in results["derived"]["goals"].items():
-        print(f"  {name}: {value:.2f} (goal {op} {goal})")
+    for name, (value, goal, op, issue) in results["derived"]["goals"].items():
+        print(f"  issue {issue}: {name}: {value:.2f} (goal {op} {goal})")

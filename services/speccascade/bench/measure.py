@@ -10,6 +10,9 @@ from pathlib import Path
 
 from speccascade.client import SpecCascadeClient
 
+# GenerationStats field: draft tokens drafted ahead during a verification and then thrown away.
+DISCARDED = "discarded_draft_tokens"
+
 
 @dataclass
 class Run:
@@ -47,10 +50,10 @@ def stream_one(client: SpecCascadeClient, prompt, **fields) -> Run:
         ids.extend(message.token_ids)
         texts.append(message.text)
         if message.HasField("stats"):
+            # Every scalar field the server reports (a zero is a field left unset).
             s = message.stats
-            stats = {name: getattr(s, name) for name in (
-                "rounds", "drafted", "accepted", "mean_accepted_length", "deferrals", "ttft_ms",
-                "total_ms", "draft_ms", "verify_ms", "overlap_fraction", "acceptance_rate")}
+            stats = {f.name: getattr(s, f.name) for f in s.DESCRIPTOR.fields
+                     if isinstance(getattr(s, f.name), (int, float))}
     total = (time.perf_counter() - started) * 1000
     return Run(ids, "".join(texts), total, ((first or time.perf_counter()) - started) * 1000,
                itl, stats)
@@ -85,7 +88,8 @@ def summarize(runs: list[Run]) -> dict:
     seconds = sum(r.total_ms for r in runs) / 1000
     itl = [x for r in runs for x in r.itl_ms]
     agg = {k: sum(r.stats.get(k, 0) for r in runs) for k in
-           ("rounds", "drafted", "accepted", "deferrals", "draft_ms", "verify_ms")}
+           ("rounds", "drafted", "accepted", "deferrals", "draft_ms", "verify_ms",
+            DISCARDED)}
     hidden = sum(r.stats.get("overlap_fraction", 0) * r.stats.get("draft_ms", 0) for r in runs)
     rounds = max(agg["rounds"], 1)
     return {
@@ -94,6 +98,7 @@ def summarize(runs: list[Run]) -> dict:
         "ttft_ms_p50": statistics.median(r.ttft_ms for r in runs),
         "itl_ms_p50": percentile(itl, 50), "itl_ms_p95": percentile(itl, 95),
         "latency_ms_mean": statistics.fmean(r.total_ms for r in runs),
+        "latency_ms_p50": percentile([r.total_ms for r in runs], 50),
         "latency_ms_p95": percentile([r.total_ms for r in runs], 95),
         "acceptance_rate": agg["accepted"] / agg["drafted"] if agg["drafted"] else 0.0,
         "mean_accepted_length": (agg["accepted"] + agg["rounds"]) / rounds if agg["drafted"] else 1.0,
@@ -104,6 +109,7 @@ def summarize(runs: list[Run]) -> dict:
         "round_verify_ms": agg["verify_ms"] / rounds,
         "non_model_ms_per_round_p50": statistics.median(r.non_model_ms_per_round for r in runs),
         "overlap_fraction": hidden / agg["draft_ms"] if agg["draft_ms"] else 0.0,
+        "discarded_draft_per_round": agg[DISCARDED] / rounds,
     }
 
 

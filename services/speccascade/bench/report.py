@@ -1,6 +1,7 @@
 """BENCHMARKS.md and the PNG plots from a results dict (see bench/run.py)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -13,14 +14,15 @@ COMMAND = "make bench   # = speccascade bench --out benchmarks --markdown BENCHM
 
 def _speed_table(speed: dict) -> list[str]:
     rows = ["| configuration | tokens/s | TTFT p50 ms | ITL p50 / p95 ms | mean accepted length | "
-            "round: draft / hidden / verify / other ms | overlap |",
-            "|---|---:|---:|---:|---:|---|---:|"]
+            "round: draft / hidden / verify / other ms | overlap | discarded drafts / round |",
+            "|---|---:|---:|---:|---:|---|---:|---:|"]
     for name, s in speed.items():
         other = s["round_ms"] - s["round_verify_ms"] - s["round_draft_ms"] + s["round_hidden_draft_ms"]
         rows.append(f"| {name} | {s['tokens_per_s']:.1f} | {s['ttft_ms_p50']:.0f} | "
                     f"{s['itl_ms_p50']:.1f} / {s['itl_ms_p95']:.1f} | {s['mean_accepted_length']:.2f} | "
                     f"{s['round_draft_ms']:.1f} / {s['round_hidden_draft_ms']:.1f} / "
-                    f"{s['round_verify_ms']:.1f} / {other:.1f} | {s['overlap_fraction']:.2f} |")
+                    f"{s['round_verify_ms']:.1f} / {other:.1f} | {s['overlap_fraction']:.2f} | "
+                    f"{s.get('discarded_draft_per_round', 0.0):.2f} |")
     return rows
 
 
@@ -38,22 +40,34 @@ def _cascade_table(cascades: dict, sequential: dict, target_latency: float) -> l
     return rows
 
 
-def _cpu_table(concurrency: dict) -> list[str]:
-    """CPU ms per speculative round by process, per concurrency level: where the cores went."""
-    levels = sorted(concurrency, key=int)
-    if not all("cpu_ms_per_round" in concurrency[n] for n in levels):
-        return []
-    names = sorted({name for n in levels for name, ms in concurrency[n]["cpu_ms_per_round"].items()
+def _cpu_table(columns: dict[str, dict], busy: bool = False) -> list[str]:
+    """CPU ms per round by process, one column per configuration or load level."""
+    names = sorted({name for c in columns.values() for name, ms in c["cpu_ms_per_round"].items()
                     if ms >= 0.5})
-    lines = ["CPU time per round (ms, all cores, by process) and how busy both cores were:", "",
-             "| process | " + " | ".join(f"{n} streams" for n in levels) + " |",
-             "|---|" + "---:|" * len(levels)]
+    lines = ["| process | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(
-            f"{concurrency[n]['cpu_ms_per_round'].get(name, 0.0):.1f}" for n in levels) + " |")
-    lines.append("| **cores busy** | " + " | ".join(
-        f"{concurrency[n]['cpu_busy_fraction']:.0%}" for n in levels) + " |")
+            f"{c['cpu_ms_per_round'].get(name, 0.0):.1f}" for c in columns.values()) + " |")
+    if busy:
+        lines.append("| **cores busy** | " + " | ".join(
+            f"{c['cpu_busy_fraction']:.0%}" for c in columns.values()) + " |")
     return lines
+
+
+def _concurrency_table(conc: dict) -> list[str]:
+    rows = ["| streams | mode | aggregate tokens/s | latency p50 / p95 ms | ITL p95 ms | "
+            "mean batch: verifier / drafter |", "|---:|---|---:|---:|---:|---:|"]
+    for streams in sorted({int(k) for levels in conc.values() for k in levels}):
+        for mode, levels in conc.items():
+            c = levels.get(streams, levels.get(str(streams)))
+            if c is None:
+                continue
+            batch = c["mean_batch_size"]
+            rows.append(f"| {streams} | {mode} | {c['aggregate_tokens_per_s']:.1f} | "
+                        f"{c['latency_ms_p50']:.0f} / {c['latency_ms_p95']:.0f} | "
+                        f"{c['itl_ms_p95']:.1f} | {batch.get('verifier', 0):.2f} / "
+                        f"{batch.get('drafter', 0):.2f} |")
+    return rows
 
 
 def plot_speed(results: dict, path: Path) -> None:
@@ -107,64 +121,116 @@ def plot_cascades(results: dict, path: Path) -> None:
 
 def plot_concurrency(results: dict, path: Path) -> None:
     conc = results["service"]["concurrency"]
-    streams = sorted(conc, key=int)
-    fig, ax1 = plt.subplots(figsize=(7, 4))
-    ax1.plot(streams, [conc[s]["aggregate_tokens_per_s"] for s in streams], "o-", label="tokens/s")
-    ax1.set_xlabel("concurrent streams")
-    ax1.set_ylabel("aggregate tokens/s")
-    ax2 = ax1.twinx()
-    ax2.plot(streams, [conc[s]["latency_ms_p95"] for s in streams], "s--", color="tab:orange")
-    ax2.set_ylabel("request latency p95 (ms)", color="tab:orange")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, levels in conc.items():
+        streams = sorted(levels, key=int)
+        ax.plot([int(s) for s in streams], [levels[s]["aggregate_tokens_per_s"] for s in streams],
+                "o-", label=f"{mode} (greedy)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def plot_sampled(results: dict, path: Path) -> None:
+    sampled = results["service"]["sampled"]
+    names = list(sampled)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.barh(names, [sampled[n]["tokens_per_s"] for n in names], color="tab:green")
+    ax.axvline(results["derived"]["sampled_pipelined_bound"] * sampled["TARGET"]["tokens_per_s"],
+               color="tab:red", linestyle="--")
+    ax.set_xlabel("tokens/s, single stream, T 0.8 top_p 0.95 (red: pipelined bound)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _divergence_line(greedy: dict) -> str:
+    parted = {name: g for name, g in greedy.items() if g["identical"] < g["outputs"]}
+    total = sum(g["outputs"] for g in greedy.values())
+    if not parted:
+        return (f"Through the service, every greedy speculative and SD-end cascade configuration "
+                f"printed exactly TARGET's tokens ({total} outputs).")
+    firsts = [t for g in parted.values() for t in g["first_divergence_tokens"]]
+    return (f"Greedy outputs equal to TARGET's: {total - len(firsts)} of {total}. The others part "
+            f"from TARGET after {min(firsts)}–{max(firsts)} tokens (median "
+            f"{sorted(firsts)[len(firsts) // 2]}) in {', '.join(parted)}. This is expected only in "
+            "bf16, where logits depend slightly on the batch shape and a near-tie can flip; the "
+            "exact-equality tests run in fp32/fp64.")
+
+
 def write(results: dict, out_dir: Path, markdown: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_speed(results, out_dir / "speed.png")
+    plot_sampled(results, out_dir / "sampled.png")
     plot_cascades(results, out_dir / "cascades.png")
     plot_concurrency(results, out_dir / "concurrency.png")
-    d, steps = results["derived"], results["steps_ms"]
+    d, steps, host, svc = results["derived"], results["steps_ms"], results["host"], results["service"]
     rel = lambda p: Path(p).relative_to(markdown.parent) if markdown.parent in Path(p).parents else p  # noqa: E731
-    cascades = results["service"]["cascade"]
+    cascades = svc["cascade"]
+    dtypes = ", ".join(sorted({f"{r['role']} {r['dtype'] or 'float32'}" for r in results["replicas"]}))
+    floor = results["rpc_floor_ms"]
+    over = results["runner_overhead"]
+    speed_cpu = {name: svc["speed"][name] for name in ("TARGET", "SPECULATIVE sequential",
+                                                       "SPECULATIVE pipelined")}
+    sampled_cpu = {name: c for name, c in svc["sampled"].items()
+                   if not name.endswith("SD end") or name.startswith("CASCADE DIFF")}
+    gpu = out_dir / "gpu.md"
     lines = [
         "# Benchmarks", "",
-        f"Produced by `{COMMAND}` on {results['started']} (2 CPU cores, one torch thread per "
-        "replica). All numbers come from one run; compare them as ratios. Raw data: "
-        f"`{rel(out_dir / 'results.json')}`.", "",
-        "## Goals (issue 5)", "", "| goal | measured | target | met |", "|---|---:|---:|:-:|"]
-    for name, (value, goal, op) in d["goals"].items():
+        f"Produced by `{COMMAND}` on {results['started']} ({os.cpu_count()} CPU cores, one torch "
+        f"thread per replica). Host CPU: {host['model']}; native bf16: "
+        f"{'yes (' + ', '.join(host['native_bf16_flags']) + ')' if host['native_bf16'] else 'no'}; "
+        f"torch {host['torch']}. Replica dtypes (`dtype: auto`): {dtypes}. All numbers come from "
+        f"one run; compare them as ratios. Raw data: `{rel(out_dir / 'results.json')}`.", "",
+        "## Goals", "", "| issue | goal | measured | target | met |", "|---:|---|---:|---:|:-:|"]
+    for name, (value, goal, op, issue) in d["goals"].items():
         met = value >= goal if op == "≥" else value <= goal
-        lines.append(f"| {name} | {value:.2f} | {op} {goal} | {'yes' if met else 'no'} |")
-    lines += ["", f"Measured α = {d['alpha']:.3f} (from the pipelined run's mean accepted length), "
-              f"c = {d['cost_ratio_c']:.3f}; steps (ms): target {steps['target']:.1f}, draft "
-              f"{steps['draft']:.1f}, verify(γ+1) {steps['verify']:.1f}. Bounds (REFERENCE.md §2): "
-              f"sequential {d['sequential_bound']:.2f}×, pipelined {d['pipelined_bound']:.2f}×. "
-              f"Greedy outputs of HF target, our in-process TARGET and SPECULATIVE equal: "
-              f"{results['in_process_greedy_equal']}; through the service, every greedy "
-              f"SPECULATIVE configuration equals TARGET token for token: "
-              f"{d['greedy_equal_to_target']}.", "",
-              f"RPC floor in this run (median empty call): Serve deployment handle "
-              f"{results['rpc_floor_ms']['serve_handle']:.2f} ms, raw Ray actor "
-              f"{results['rpc_floor_ms']['ray_actor']:.2f} ms. Every round waits for at least one "
-              "handle call to the verifier, so non-model time per round cannot fall below the "
-              "first.", "",
-              f"Adaptive γ against the best fixed γ ({d['best_fixed_gamma']}): "
-              + ", ".join(f"{name} {ratio:.2f}×" for name, ratio in d["adaptive_over_best_fixed"].items())
-              + ".", "",
-              "## Speed through the gRPC service (single stream)", "",
-              f"![speed]({rel(out_dir / 'speed.png')})", "", *_speed_table(results["service"]["speed"]),
-              "", "In process: " + ", ".join(f"{k} {v['tokens_per_s']:.1f} tok/s"
-                                            for k, v in results["in_process"].items()) + ".", "",
-              "## Cascades: quality against latency", "",
-              f"![cascades]({rel(out_dir / 'cascades.png')})", "",
-              *_cascade_table(cascades, results["sequential_cascade"],
-                              cascades["TARGET"]["latency_ms_mean"]), "",
-              "## Concurrency", "", f"![concurrency]({rel(out_dir / 'concurrency.png')})", "",
-              "| streams | aggregate tokens/s | latency p95 ms | ITL p95 ms |", "|---:|---:|---:|---:|"]
-    for streams, c in sorted(results["service"]["concurrency"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| {streams} | {c['aggregate_tokens_per_s']:.1f} | {c['latency_ms_p95']:.0f} | "
-                     f"{c['itl_ms_p95']:.1f} |")
-    lines += ["", *_cpu_table(results["service"]["concurrency"])]
+        lines.append(f"| {issue} | {name} | {value:.2f} | {op} {goal} | {'yes' if met else 'no'} |")
+    lines += [
+        "", f"Greedy: α = {d['alpha']:.3f} (from the pipelined run's mean accepted length); sampled "
+        f"(T 0.8, top_p 0.95): α = {d['sampled_alpha']:.3f}. c = {d['cost_ratio_c']:.3f}; steps "
+        f"(ms, in process): target {steps['target']:.1f}, draft {steps['draft']:.1f}, verify(γ+1) "
+        f"{steps['verify']:.1f}. Bounds (REFERENCE.md §2): greedy sequential "
+        f"{d['sequential_bound']:.2f}×, pipelined {d['pipelined_bound']:.2f}×; sampled pipelined "
+        f"{d['sampled_pipelined_bound']:.2f}×. In process, HF target, our TARGET and SPECULATIVE "
+        f"print the same greedy tokens: {results['in_process_greedy_equal']}. "
+        + _divergence_line(svc["greedy_vs_target"]), "",
+        "RPC floor in this run (median empty call, the transport the router uses): "
+        + ", ".join(f"{name.replace('_', ' ')} {ms:.2f} ms" for name, ms in floor.items())
+        + ". Every round waits for at least one verifier call.", "",
+        f"Runner cost outside the model forward, batch of {over['target']['batch']} (in process): "
+        f"target {over['target']['runner_ms']:.1f} ms per call of which forward "
+        f"{over['target']['forward_ms']:.1f} ms ({over['target']['outside_fraction']:.0%} outside); "
+        f"draft {over['draft']['runner_ms']:.2f} ms, forward {over['draft']['forward_ms']:.2f} ms "
+        f"({over['draft']['outside_fraction']:.0%} outside).", "",
+        f"Adaptive γ against the best fixed γ ({d['best_fixed_gamma']}): "
+        + ", ".join(f"{name} {ratio:.2f}×" for name, ratio in d["adaptive_over_best_fixed"].items())
+        + ".", "",
+        "## Speed through the gRPC service (single stream, greedy)", "",
+        f"![speed]({rel(out_dir / 'speed.png')})", "", *_speed_table(svc["speed"]), "",
+        "In process: " + ", ".join(f"{k} {v['tokens_per_s']:.1f} tok/s"
+                                   for k, v in results["in_process"].items()) + ".", "",
+        "CPU time per round (ms, by process):", "", *_cpu_table(speed_cpu), "",
+        "## Sampled decoding (temperature 0.8, top_p 0.95, single stream)", "",
+        f"![sampled]({rel(out_dir / 'sampled.png')})", "", *_speed_table(svc["sampled"]), "",
+        "CPU time per round (ms, by process):", "", *_cpu_table(sampled_cpu), "",
+        "## Cascades: quality against latency", "",
+        f"![cascades]({rel(out_dir / 'cascades.png')})", "",
+        *_cascade_table(cascades, results["sequential_cascade"],
+                        cascades["TARGET"]["latency_ms_mean"]), "",
+        "## Concurrency", "", f"![concurrency]({rel(out_dir / 'concurrency.png')})", "",
+        *_concurrency_table(svc["concurrency"]), "",
+        "CPU time per round of greedy SPECULATIVE (ms, all cores, by process) and how busy the "
+        "cores were:", "",
+        *_cpu_table({f"{n} streams": c for n, c in sorted(svc["concurrency"]["SPECULATIVE"].items(),
+                                                          key=lambda kv: int(kv[0]))}, busy=True), "",
+        "## GPU", "",
+        gpu.read_text().strip() if gpu.exists() else
+        "No GPU was lent for this run. `make gpu-check` runs the runner and service tests on CUDA "
+        "in bf16 and writes the timing table that belongs here."]
     markdown.write_text("\n".join(lines) + "\n")

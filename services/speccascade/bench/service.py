@@ -1,0 +1,151 @@
+"""The benchmark stages that run through the real gRPC service (see bench/run.py for the plan).
+
+Every configuration is measured on the same prompts in one run, with the CPU time each process
+spent per round (from /proc), so that where the cores went is read beside the speed.
+"""
+from __future__ import annotations
+
+import os
+
+from tqdm import tqdm
+
+from speccascade.bench.measure import (cpu_ms_per_round, cpu_seconds_by_process, run_concurrent,
+                                       run_sequential, summarize)
+from speccascade.bench.peers import target_log_likelihood
+from speccascade.models.evaluate import LINE_TOKENS, edit_similarity, exact_match, predicted_line
+from speccascade.sampling import SD_END, DeferralRule
+
+SAMPLED = dict(temperature=0.8, top_p=0.95, seed=1234)
+
+
+def sd_end_cascades(gamma: int, **fields) -> dict[str, dict]:
+    """Every rule at its speculative-decoding end: the same verification as SPECULATIVE."""
+    return {f"CASCADE {rule.name} SD end": dict(mode="cascade", deferral_rule=rule.name,
+                                                deferral_threshold=SD_END[rule],
+                                                num_draft_tokens=gamma, **fields)
+            for rule in DeferralRule}
+
+
+def speed_configs(plan) -> dict[str, dict]:
+    """Greedy, single stream."""
+    configs = {
+        "TARGET": dict(mode="target"),
+        "DRAFT": dict(mode="draft", num_draft_tokens=plan.gamma),
+        "SPECULATIVE sequential": dict(mode="speculative", num_draft_tokens=plan.gamma,
+                                       pipelined=False),
+        "SPECULATIVE pipelined": dict(mode="speculative", num_draft_tokens=plan.gamma),
+    }
+    for gamma in plan.gammas:
+        configs[f"SPECULATIVE γ={gamma}"] = dict(mode="speculative", num_draft_tokens=gamma)
+    configs["SPECULATIVE adaptive γ"] = dict(mode="speculative", adaptive_num_draft_tokens=True)
+    configs["SPECULATIVE adaptive γ + early stop"] = dict(
+        mode="speculative", adaptive_num_draft_tokens=True, draft_stop_below=0.4)
+    return {**configs, **sd_end_cascades(plan.gamma)}
+
+
+def sampled_configs(plan) -> dict[str, dict]:
+    """Temperature 0.8, top_p 0.95, single stream: the traffic most users send."""
+    return {
+        "TARGET": dict(mode="target", **SAMPLED),
+        "SPECULATIVE sequential": dict(mode="speculative", num_draft_tokens=plan.gamma,
+                                       pipelined=False, **SAMPLED),
+        "SPECULATIVE pipelined": dict(mode="speculative", num_draft_tokens=plan.gamma, **SAMPLED),
+        **sd_end_cascades(plan.gamma, **SAMPLED),
+        "CASCADE TOKEN_V3 α=0.5": dict(mode="cascade", deferral_rule="TOKEN_V3",
+                                       deferral_threshold=0.5, num_draft_tokens=plan.gamma,
+                                       **SAMPLED),
+    }
+
+
+def measure_configs(client, prompts, configs: dict[str, dict], *, desc: str,
+                    max_new_tokens: int) -> tuple[dict, dict]:
+    """Each configuration over all prompts, one at a time: (summaries, token ids per config)."""
+    summaries, outputs = {}, {}
+    with tqdm(total=len(configs) * len(prompts), desc=desc, unit="req") as bar:
+        for name, fields in configs.items():
+            before = cpu_seconds_by_process()
+            runs = run_sequential(client, prompts, bar, max_new_tokens=max_new_tokens, **fields)
+            after = cpu_seconds_by_process()
+            summary = summarize(runs)
+            summary["cpu_ms_per_round"] = cpu_ms_per_round(
+                before, after, sum(r.stats.get("rounds", 0) for r in runs))
+            summaries[name], outputs[name] = summary, [r.token_ids for r in runs]
+    return summaries, outputs
+
+
+def first_divergence(reference: list[list[int]], other: list[list[int]]) -> dict:
+    """How many outputs equal the reference token for token, and after how many tokens the rest
+    part from it (bf16 logits depend slightly on the batch shape: a near-tie can flip)."""
+    parted = []
+    for ref, out in zip(reference, other):
+        if ref != out:
+            parted.append(next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b),
+                               min(len(ref), len(out))))
+    return {"identical": len(reference) - len(parted), "outputs": len(reference),
+            "first_divergence_tokens": sorted(parted)}
+
+
+def cascade_quality(client, plan, tasks, target, engine) -> dict:
+    """Line completion through the service for every rule over its α range (greedy)."""
+    from speccascade.bench.run import alpha_sweep
+
+    configs = {"TARGET": dict(mode="target"),
+               "SPECULATIVE": dict(mode="speculative", num_draft_tokens=plan.gamma),
+               "DRAFT": dict(mode="draft", num_draft_tokens=plan.gamma)}
+    for rule in DeferralRule:
+        for alpha in alpha_sweep(rule, plan.alphas_per_rule):
+            configs[f"{rule.name} α={alpha:g}"] = dict(
+                mode="cascade", deferral_rule=rule.name, deferral_threshold=alpha,
+                num_draft_tokens=plan.gamma)
+    out = {}
+    with tqdm(total=len(configs) * len(tasks), desc="service: cascades", unit="task") as bar:
+        for name, fields in configs.items():
+            runs = run_sequential(client, [t.prompt for t in tasks], bar,
+                                  max_new_tokens=LINE_TOKENS, **fields)
+            preds = [predicted_line(r.text) for r in runs]
+            answers = [t.answer for t in tasks]
+            loglik = [target_log_likelihood(target, engine.encode(t.prompt), r.token_ids)
+                      for t, r in zip(tasks, runs)]
+            out[name] = {**summarize(runs), "fields": fields,
+                         "exact_match": sum(map(exact_match, preds, answers)) / len(tasks),
+                         "edit_similarity": sum(map(edit_similarity, preds, answers)) / len(tasks),
+                         "target_loglik": sum(loglik) / len(loglik)}
+    return out
+
+
+def _batch_counters(client) -> dict[str, tuple[int, int]]:
+    """(batches, batched_calls) summed over the replicas of each role."""
+    counters: dict[str, tuple[int, int]] = {}
+    for r in client.stats().replicas:
+        batches, calls = counters.get(r.role, (0, 0))
+        counters[r.role] = (batches + r.batches, calls + r.batched_calls)
+    return counters
+
+
+def concurrency(client, plan, prompts) -> dict:
+    """Aggregate throughput, latency and mean batch size per replica at each stream count,
+    TARGET beside greedy SPECULATIVE."""
+    modes = {"TARGET": dict(mode="target"),
+             "SPECULATIVE": dict(mode="speculative", num_draft_tokens=plan.gamma)}
+    out: dict = {name: {} for name in modes}
+    with tqdm(total=len(modes) * len(plan.streams), desc="service: concurrency", unit="level") as bar:
+        for name, fields in modes.items():
+            for streams in plan.streams:
+                batch = [prompts[i % len(prompts)] for i in range(streams * plan.requests_per_stream)]
+                cpu_before, counters_before = cpu_seconds_by_process(), _batch_counters(client)
+                runs, wall = run_concurrent(client, batch, streams, max_new_tokens=plan.new_tokens,
+                                            **fields)
+                cpu_after, counters_after = cpu_seconds_by_process(), _batch_counters(client)
+                summary = summarize(runs)
+                summary["aggregate_tokens_per_s"] = summary["tokens"] / wall
+                summary["mean_batch_size"] = {
+                    role: (calls - counters_before.get(role, (0, 0))[1])
+                    / max(1, batches - counters_before.get(role, (0, 0))[0])
+                    for role, (batches, calls) in counters_after.items()}
+                rounds = sum(r.stats.get("rounds", 0) for r in runs)
+                summary["cpu_ms_per_round"] = cpu_ms_per_round(cpu_before, cpu_after, rounds)
+                summary["cpu_busy_fraction"] = (sum(cpu_after.values()) - sum(cpu_before.values())) / (
+                    wall * (os.cpu_count() or 1))
+                out[name][streams] = summary
+                bar.update()
+    return out
