@@ -15,7 +15,7 @@ from ray.serve.config import RequestRouterConfig
 
 from speccascade.serve.config import CONSISTENT_HASH_ROUTER, ServiceConfig
 from speccascade.serve.drafter import Drafter
-from speccascade.serve.http import OpenAIRouter, make_api
+from speccascade.serve.http import RouterIngress
 from speccascade.serve.verifier import Verifier
 
 # The generated servicer function with a request decoder that reports undecodable fields.
@@ -41,6 +41,6 @@ def build_app(config: "ServiceConfig | dict | None") -> Application:
         **cfg.drafter.serve_options(), request_router_config=_affinity(cfg))
     verifier = serve.deployment(Verifier, name="Verifier").options(
         **cfg.verifier.serve_options(), request_router_config=_affinity(cfg))
-    router = serve.deployment(serve.ingress(make_api())(OpenAIRouter), name="Router").options(
+    router = serve.deployment(RouterIngress, name="Router").options(
         **cfg.router.serve_options())
     return router.bind(drafter.bind(data), verifier.bind(data), data)

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP door: GET /v1/models, POST /v1/completions, /v1/chat/completions.
 
-`OpenAIRouter` is the Router with FastAPI routes; serve.app wraps it with `serve.ingress`, so one
-replica serves both doors and an HTTP request costs no extra Serve hop (README, "Front doors").
+`OpenAIRouter` is the Router with FastAPI routes and `RouterIngress` that class through
+`serve.ingress`, the deployment serve.app runs: one replica serves both doors, and an HTTP request
+costs no extra Serve hop (README, "Front doors"). The decoration runs at import, in the driver and
+again in each replica, as Serve needs (it rewrites the methods' signatures in the process).
 A body becomes `RequestFields` (serve.request) and goes through the same validation, admission and
 loop as a gRPC request (`Router._deltas`); every failure is answered by `errors.openai_error`.
 Conventions: REFERENCE.md §12. speccascade's own fields (`mode`, `num_draft_tokens`, ...) ride in
@@ -19,6 +21,7 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
+from ray import serve
 
 from speccascade.engine.loop import Delta, Mode
 from speccascade.engine.seam import RequestStats
@@ -178,14 +181,19 @@ class _ClosingStream(StreamingResponse):
             await self._deltas.aclose()
 
 
+api = FastAPI(title="speccascade", description="OpenAI-compatible API of speccascade",
+              docs_url=None, redoc_url=None, openapi_url=None)
+
+
 class OpenAIRouter(Router):
-    """The Router, with the OpenAI-compatible routes `make_api` registers."""
+    """The Router, with the OpenAI-compatible routes."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_id = self.config.served_model_name
         self.created = int(time.time())
 
+    @api.get("/v1/models")
     async def models(self, request: Request):
         try:
             self._check_client(is_loopback_host(request.client and request.client.host))
@@ -197,9 +205,11 @@ class OpenAIRouter(Router):
             "owned_by": "speccascade", "max_model_len": self.limits.max_seq_len,
             "speccascade": {"target": target.name, "draft": draft.name}}]}
 
+    @api.post("/v1/completions")
     async def completions(self, request: Request):
         return await self._serve(request, chat=False)
 
+    @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         return await self._serve(request, chat=True)
 
@@ -311,12 +321,4 @@ async def _events(first: Delta, deltas: AsyncIterator[Delta], meta: dict, chat: 
     yield _sse("[DONE]")
 
 
-def make_api(router_cls: type[OpenAIRouter] = OpenAIRouter) -> FastAPI:
-    """A FastAPI app with `router_cls`'s routes, for `serve.ingress` (one per application:
-    Serve rewrites the routes of the app it is given)."""
-    api = FastAPI(title="speccascade", description="OpenAI-compatible API of speccascade",
-                  docs_url=None, redoc_url=None, openapi_url=None)
-    api.get("/v1/models")(router_cls.models)
-    api.post("/v1/completions")(router_cls.completions)
-    api.post("/v1/chat/completions")(router_cls.chat_completions)
-    return api
+RouterIngress = serve.ingress(api)(OpenAIRouter)
