@@ -137,12 +137,12 @@ def _fields(body: _Body, size: int, prompt: dict) -> RequestFields:
 def _renamed(exc: Exception, names: dict[str, str]) -> Exception:
     """A ParamError naming the HTTP field instead of the GenerateRequest one."""
     field = getattr(exc, "field", None)
-    if not isinstance(exc, ValueError) or field not in names:
+    if not isinstance(exc, ValueError) or not field:
         return exc
     message = getattr(exc, "message", None) or str(exc)
     for old, new in names.items():
         message = re.sub(rf"\b{old}\b", new, message)
-    return ParamError(names[field], message)
+    return ParamError(names.get(field, field), message)
 
 
 def _error(exc: Exception, names: dict[str, str]) -> JSONResponse:
