@@ -88,6 +88,8 @@ def test_deploy_serve_yaml_builds_the_app_as_serve_run_does():
     assert "ingress.add_GenerationServicer_to_server" in \
         schema.grpc_options.grpc_servicer_functions[0]
     assert ServiceConfig.load(path).grpc_port == schema.grpc_options.port
+    assert ServiceConfig.load(path).http_port == schema.http_options.port
+    assert "ingress.add_HealthServicer_to_server" in schema.grpc_options.grpc_servicer_functions[1]
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
     assert isinstance(built, Application)
 
