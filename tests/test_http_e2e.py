@@ -309,3 +309,28 @@ def test_reflection_lists_generation_and_health(config, service):
     [found] = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
         file_containing_symbol="grpc.health.v1.Health")]), timeout=30))
     assert found.file_descriptor_response.file_descriptor_proto  # grpcurl can describe it
+
+
+def _non_loopback_address() -> str | None:
+    """This machine's address on its network (a UDP connect sends nothing), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the outgoing interface
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_non_loopback_clients_are_refused_by_both_doors(config, service):
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("no non-loopback address on this machine")
+    from speccascade.client import SpecCascadeClient
+
+    with SpecCascadeClient(f"{address}:{config.grpc_port}", timeout=60) as client:
+        with pytest.raises(grpc.RpcError) as error:
+            client.generate(PROMPTS[0], max_new_tokens=4)
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    status, answer = http(config, "/v1/completions", {"prompt": "x"}, host=address)
+    assert status == 403 and answer["error"]["type"] == "permission_error", answer
