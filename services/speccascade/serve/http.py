@@ -88,8 +88,7 @@ class ChatBody(_Body):
 
 # HTTP field names of GenerateRequest fields that differ; validation names the proto field.
 COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt"}
-CHAT_NAMES = {"max_new_tokens": "max_tokens", "prompt_token_ids": "messages",
-              "prompt": "messages"}
+CHAT_NAMES = {"max_new_tokens": "max_tokens", "prompt_token_ids": "messages"}
 
 
 def _enum(name: str, value, enum) -> int:
