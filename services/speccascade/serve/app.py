@@ -4,8 +4,8 @@
     serve run deploy/serve.yaml                                      # `args:` = the same dict
 
 Drafter and Verifier route with Ray's ConsistentHashRouter on the request id (KV-cache affinity);
-the Router is the ingress of both doors: gRPC (Serve's gRPC proxy calls its methods by RPC name) and
-HTTP (serve.http's FastAPI routes through `serve.ingress`). The classes themselves stay plain Python.
+the Router is the ingress of both doors: gRPC (Serve's gRPC proxy calls its methods by RPC name)
+and HTTP (serve.http's FastAPI routes through `serve.ingress`). The classes stay plain Python.
 """
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ HTTP_STATUS = {
 
 def openai_error(exc: BaseException) -> tuple[int, dict]:
     """(HTTP status, body) for `exc`: OpenAI's {"error": {"message", "type", "param", "code"}}.
-    `param` names the offending field; `code` is the gRPC status name, the same as the other door."""
+    `param` names the offending field; `code` is the gRPC status name the other door answers."""
     code, details = status_for(exc)
     status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
     param = getattr(exc, "field", None) if code in (grpc.StatusCode.INVALID_ARGUMENT,

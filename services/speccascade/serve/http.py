@@ -120,7 +120,8 @@ def _fields(body: _Body, size: int, prompt: dict) -> RequestFields:
     if body.n != 1:
         raise ParamError("n", f"n must be 1 (one choice per request), got {body.n}")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    max_tokens = getattr(body, "max_completion_tokens", None)
+    max_tokens = body.max_tokens if max_tokens is None else max_tokens
     return RequestFields(
         **prompt, max_new_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
         mode=_enum("mode", body.mode, Mode),

@@ -1,10 +1,10 @@
-"""Router: the gRPC ingress of the service (Serve's native gRPC proxy calls it).
+"""Router: the ingress of the service (Serve's gRPC proxy and, through serve.http, its HTTP proxy).
 
 Method names equal the RPC names of `speccascade.v1.Generation` and of the standard
 `grpc.health.v1.Health` (`Check`, `Watch`); `GenerateStream` and `Watch` are async generators,
 which Serve serves as server-streaming RPCs. serve.http adds the OpenAI-compatible HTTP routes to
-this class, so both doors run in the same replica and share `_deltas`. For each request the router validates
-the message (serve.request), adapts the drafter/verifier handles into the seam's interfaces with
+this class, so both doors run in one replica and share `_deltas`. For each request the router
+validates it (serve.request), adapts the drafter/verifier handles into the seam's interfaces with
 KV-cache affinity (serve.remote) and runs the shared generation loop (engine.loop), which holds the
 committed sequence. Every failure is answered through serve.errors, never as a bare INTERNAL.
 """
