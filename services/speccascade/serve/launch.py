@@ -14,7 +14,12 @@ def http_host() -> str:
     and localhost all work), as the gRPC proxy always does; the router checks the client."""
     import socket
 
-    return "::" if socket.has_ipv6 else "0.0.0.0"
+    try:  # a kernel without IPv6 cannot bind [::]
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:
+        return "0.0.0.0"
+    return "::"
 
 
 def addresses(config: ServiceConfig) -> tuple[str, str]:
