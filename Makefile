@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
-run: install        ## start the gRPC service on the embedded default pair (Ctrl-C stops it)
+run: install        ## start the service (gRPC :9000, OpenAI-compatible HTTP :8000) on the default pair
 	$(BIN)/speccascade serve
 
 demo: install       ## in-process generation on the default pair, all four modes

@@ -10,7 +10,12 @@ import torch
 TINY_TEXT = "\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200))
 
 
-def make_tokenizer(vocab_size: int = 300):
+# A minimal chat template (tiny_pair's tokenizer has it; the HTTP chat tests use it).
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def make_tokenizer(vocab_size: int = 300, chat_template: str | None = None):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -18,8 +23,10 @@ def make_tokenizer(vocab_size: int = 300):
     bpe.train_from_iterator([TINY_TEXT], vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                             show_progress=False)
     eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=eos, bos_token=eos,
-                                   pad_token=eos, unk_token=eos)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=eos,
+                                        bos_token=eos, pad_token=eos, unk_token=eos)
+    tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 def save_tiny_model(out: Path, tokenizer, *, seed: int, hidden: int = 32, layers: int = 2,
@@ -47,7 +54,7 @@ def save_tiny_model(out: Path, tokenizer, *, seed: int, hidden: int = 32, layers
 def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
     """(target_dir, draft_dir): different random weights, one shared tokenizer."""
     root = tmp_path_factory.mktemp("tiny_pair")
-    tok = make_tokenizer()
+    tok = make_tokenizer(chat_template=TINY_CHAT_TEMPLATE)
     return (save_tiny_model(root / "target", tok, seed=1, hidden=48, layers=3),
             save_tiny_model(root / "draft", tok, seed=2, hidden=32, layers=1))
 

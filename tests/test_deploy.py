@@ -133,6 +133,10 @@ HEAD_CONTAINER = "spec.rayClusterConfig.headGroupSpec.template.spec.containers.0
     (lambda m: _drop(m, f"{WORKER0}.groupName"), "'groupName' is a required property"),
     (lambda m: _set(m, "spec.serveConfigV2", {"applications": []}), "is not of type 'string'"),
     (lambda m: _set(m, "apiVersion", "ray.io/v1alpha2"), "expected apiVersion ray.io/v1"),
+    (lambda m: _set(m, f"{WORKER0}.template.spec.containers.0.readinessProbe.grpc",
+                    {"service": "speccascade.v1.Generation"}), "'port' is a required property"),
+    (lambda m: _set(m, f"{WORKER0}.template.spec.containers.0.readinessProbe.grpc.serivce",
+                    "x"), "'serivce' was unexpected"),
 ])
 def test_a_broken_manifest_fails_validation(manifest, breakage, where):
     errors = dm.manifest_errors(breakage(manifest))
@@ -145,13 +149,14 @@ def test_serve_config_is_deployable(serve_config):
     assert dm.serve_config_errors(serve_config) == []
     from ray.serve.schema import ServeDeploySchema
 
-    from speccascade.serve.app import GRPC_SERVICER, build_app
+    from speccascade.serve.app import GRPC_SERVICERS, build_app
 
     schema = ServeDeploySchema.model_validate(serve_config)
     [app] = schema.applications
     assert app.import_path == dm.BUILDER and dm._import(app.import_path) is build_app
-    assert GRPC_SERVICER in schema.grpc_options.grpc_servicer_functions
-    assert callable(dm._import(GRPC_SERVICER))
+    # speccascade.v1.Generation and grpc.health.v1.Health, as `speccascade serve` registers them
+    assert schema.grpc_options.grpc_servicer_functions == GRPC_SERVICERS
+    assert all(callable(dm._import(path)) for path in GRPC_SERVICERS)
 
 
 @pytest.mark.parametrize("breakage, where", [
@@ -248,6 +253,34 @@ def test_grpc_port_is_exposed_as_serve_grpc(manifest, serve_config, app_args):
         assert ports.get("serve-grpc") == port, name
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         assert int(env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]) == 4 * config.max_message_bytes, name
+
+
+def test_http_port_is_exposed_as_serve(manifest, serve_config, app_args):
+    from speccascade.serve.config import ServiceConfig
+
+    port = serve_config["http_options"]["port"]
+    assert port == ServiceConfig.load(app_args).http_port
+    for name, group in groups(manifest).items():
+        container = group["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        assert ports.get("serve") == port, name
+
+
+def test_worker_readiness_is_the_grpc_health_service(manifest, serve_config):
+    """Worker pods are ready when the standard gRPC health service says the application serves
+    (a Kubernetes gRPC probe); the head keeps KubeRay's default probe, since the operator deploys
+    the application only once the head is ready."""
+    from speccascade.serve.router import HEALTH_SERVICES
+
+    port = serve_config["grpc_options"]["port"]
+    for name, group in groups(manifest).items():
+        probe = group["template"]["spec"]["containers"][0].get("readinessProbe")
+        if name == "head":
+            assert probe is None
+            continue
+        assert probe["grpc"] == {"port": port, "service": "speccascade.v1.Generation"}, name
+        assert probe["grpc"]["service"] in HEALTH_SERVICES
+        assert probe["timeoutSeconds"] >= 5  # Check asks a drafter and a verifier replica
 
 
 def test_kuberay_health_checks_can_reach_the_serve_proxies(serve_config):

@@ -88,6 +88,8 @@ def test_deploy_serve_yaml_builds_the_app_as_serve_run_does():
     assert "ingress.add_GenerationServicer_to_server" in \
         schema.grpc_options.grpc_servicer_functions[0]
     assert ServiceConfig.load(path).grpc_port == schema.grpc_options.port
+    assert ServiceConfig.load(path).http_port == schema.http_options.port
+    assert "ingress.add_HealthServicer_to_server" in schema.grpc_options.grpc_servicer_functions[1]
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
     assert isinstance(built, Application)
 
@@ -194,10 +196,138 @@ def test_set_status_returns_a_picklable_abort():
 
 def test_loopback_peers():
     assert is_loopback_peer("ipv4:127.0.0.1:5000")
+    assert is_loopback_peer("ipv4:127.3.4.5:5000")
     assert is_loopback_peer("ipv6:[::1]:5000")
+    assert is_loopback_peer("ipv6:%5B::1%5D:49730")                 # grpc 1.85's own form
+    assert is_loopback_peer("ipv6:%5B::ffff:127.0.0.1%5D:49730")   # IPv4-mapped
     assert is_loopback_peer("ipv6:[::ffff:127.0.0.1]:5000")
+    assert is_loopback_peer("unix:") and is_loopback_peer("unix:/tmp/s.sock")
+    assert is_loopback_peer("unix-abstract:speccascade")
     assert not is_loopback_peer("ipv4:10.1.2.3:5000")
-    assert not is_loopback_peer("ipv6:[2001:db8::1]:443")
+    assert not is_loopback_peer("ipv6:%5B2001:db8::1%5D:443")
+    assert not is_loopback_peer("ipv6:%5B::ffff:10.0.0.1%5D:443")
+    assert not is_loopback_peer("ipv6:%5Bfe80::1%25eth0%5D:443")    # link-local with a zone
+    assert not is_loopback_peer("garbage") and not is_loopback_peer("")
+
+
+def test_loopback_peers_from_real_channels(tmp_path):
+    """What a real grpc 1.85 server reports for clients of 127.0.0.1, localhost, [::1] and a unix
+    socket (localhost resolves to ::1 first here): each is a loopback peer."""
+    import asyncio
+
+    peers = []
+
+    async def run():
+        async def handler(request, context):
+            peers.append(context.peer())
+            return b""
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "t.Peer", {"Who": grpc.unary_unary_rpc_method_handler(handler)}),))
+        port = server.add_insecure_port("[::]:0")  # where Serve's gRPC proxy listens
+        sock = tmp_path / "peer.sock"
+        server.add_insecure_port(f"unix:{sock}")
+        await server.start()
+        try:
+            for target in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}",
+                           f"unix:{sock}"):
+                async with grpc.aio.insecure_channel(target) as channel:
+                    await channel.unary_unary("/t.Peer/Who")(b"", timeout=10)
+        finally:
+            await server.stop(None)
+
+    asyncio.run(run())
+    assert len(peers) == 4
+    assert peers[0].startswith("ipv4:127.0.0.1:") and peers[3].startswith("unix:")
+    assert any(p.startswith("ipv6:") for p in peers[1:3]), peers  # the URL-encoded form
+    assert all(is_loopback_peer(p) for p in peers), peers
+
+
+def test_loopback_hosts_of_http_clients():
+    from speccascade.serve.router import is_loopback_host
+
+    for host in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "127.0.0.53"):
+        assert is_loopback_host(host), host
+    for host in ("10.0.0.1", "2001:db8::1", "::ffff:10.0.0.1", "", None, "localhost"):
+        assert not is_loopback_host(host), host
+
+
+# -- the HTTP door's mapping -------------------------------------------------------------------
+def test_http_status_mapping_and_openai_error_shape():
+    from ray.exceptions import ActorDiedError
+
+    cases = [(ParamError("top_p", "top_p must be in (0, 1]"), 400, "top_p"),
+             (errors.QueueFullError("router_queue_cap"), 429, None),
+             (CapacityError("max_live_seqs"), 429, None),
+             (ActorDiedError(), 503, None),
+             (errors.ReplicaFailedError("x"), 503, None),
+             (TimeoutError(), 504, None),
+             (errors.PeerNotAllowedError("loopback only"), 403, None),
+             (errors.NotFoundError("model", "no such model"), 404, "model"),
+             (KeyError("secret"), 500, None)]
+    for exc, status, param in cases:
+        got, body = errors.openai_error(exc)
+        assert got == status, exc
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param",
+                                                                 "code"}
+        assert body["error"]["param"] == param and body["error"]["code"] == \
+            errors.status_for(exc)[0].name.lower()
+    assert "secret" not in errors.openai_error(KeyError("secret"))[1]["error"]["message"]
+
+
+def test_http_bodies_go_through_the_same_validation(tokenizer, limits):
+    from speccascade.serve import http
+
+    def convert_body(body: dict, chat=False):
+        import json
+
+        raw = json.dumps(body).encode()
+        parsed = http._parse(raw, http.ChatBody if chat else http.CompletionBody)
+        prompt = (http.chat_prompt(tokenizer, parsed.messages) if chat
+                  else http._completion_prompt(parsed))
+        return to_generation_request(http._fields(parsed, len(raw), prompt), request_id="r",
+                                     tokenizer=tokenizer, limits=limits)
+
+    body = {"prompt": "def f1(x):", "max_tokens": 8, "temperature": 0, "seed": 3,
+            "stop": "\n", "mode": "cascade", "deferral_rule": "chow", "deferral_threshold": 0.1,
+            "num_draft_tokens": 3, "pipelined": False}
+    request = convert_body(body)
+    grpc_request = convert(tokenizer, limits, max_new_tokens=8, seed=3, stop=["\n"],
+                           mode=pb.CASCADE, deferral_rule=pb.CHOW, deferral_threshold=0.1,
+                           num_draft_tokens=3, pipelined=False)
+    assert request == grpc_request  # the same GenerationRequest from either door
+    assert convert_body({"prompt": [5, 6, 7], "max_tokens": 2}).prompt_ids == [5, 6, 7]
+    # OpenAI's defaults where the body is silent: 16 tokens, temperature 1 (sampled)
+    default = convert_body({"prompt": "x"})
+    assert default.max_new_tokens == 16 and default.sampling.temperature == 1.0
+    for bad, field in [({"prompt": "x", "n": 2}, "n"), ({"prompt": "x", "temprature": 0},
+                                                          "temprature"),
+                       ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+                       ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": "x", "mode": "fast"},
+                                                            "mode"),
+                       ({"prompt": "x", "max_tokens": 0}, "max_new_tokens")]:
+        with pytest.raises(ParamError) as error:
+            convert_body(bad)
+        assert error.value.field == field, bad
+        renamed = http._renamed(error.value, http.COMPLETION_NAMES)
+        assert renamed.field == http.COMPLETION_NAMES.get(field, field)
+        assert renamed.field in renamed.message
+
+
+def test_chat_needs_a_chat_template(tokenizer):
+    from conftest import TINY_CHAT_TEMPLATE
+
+    from speccascade.serve.http import ChatMessage, chat_prompt
+
+    messages = [ChatMessage(role="system", content="be brief"),
+                ChatMessage(role="user", content=[{"type": "text", "text": "def f1(x):"}])]
+    with pytest.raises(ParamError) as error:
+        chat_prompt(tokenizer, messages)  # conftest's plain tokenizer has none
+    assert error.value.field == "messages" and "chat template" in error.value.message
+    templated = make_tokenizer(chat_template=TINY_CHAT_TEMPLATE)
+    ids = chat_prompt(templated, messages)["prompt_token_ids"]
+    assert templated.decode(ids) == "system: be brief\nuser: def f1(x):\nassistant:"
 
 
 # -- batch isolation ---------------------------------------------------------------------------

@@ -4,7 +4,8 @@
     serve run deploy/serve.yaml                                      # `args:` = the same dict
 
 Drafter and Verifier route with Ray's ConsistentHashRouter on the request id (KV-cache affinity);
-the Router is the gRPC ingress. The classes themselves stay plain Python.
+the Router is the ingress of both doors: gRPC (Serve's gRPC proxy calls its methods by RPC name)
+and HTTP (serve.http's FastAPI routes through `serve.ingress`). The classes stay plain Python.
 """
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from ray.serve.config import RequestRouterConfig
 
 from speccascade.serve.config import CONSISTENT_HASH_ROUTER, ServiceConfig
 from speccascade.serve.drafter import Drafter
-from speccascade.serve.router import Router
+from speccascade.serve.http import RouterIngress
 from speccascade.serve.verifier import Verifier
 
 # The generated servicer function with a request decoder that reports undecodable fields.
 GRPC_SERVICER = "speccascade.serve.ingress.add_GenerationServicer_to_server"
+# The standard grpc.health.v1.Health, served by the router too (Check, Watch).
+HEALTH_SERVICER = "speccascade.serve.ingress.add_HealthServicer_to_server"
+GRPC_SERVICERS = [GRPC_SERVICER, HEALTH_SERVICER]
 
 
 def _affinity(config: ServiceConfig) -> RequestRouterConfig:
@@ -37,5 +41,6 @@ def build_app(config: "ServiceConfig | dict | None") -> Application:
         **cfg.drafter.serve_options(), request_router_config=_affinity(cfg))
     verifier = serve.deployment(Verifier, name="Verifier").options(
         **cfg.verifier.serve_options(), request_router_config=_affinity(cfg))
-    router = serve.deployment(Router, name="Router").options(**cfg.router.serve_options())
+    router = serve.deployment(RouterIngress, name="Router").options(
+        **cfg.router.serve_options())
     return router.bind(drafter.bind(data), verifier.bind(data), data)

@@ -9,12 +9,15 @@ import time
 
 def add_serve_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "serve", help="run the gRPC service on a local Ray (Ctrl-C stops it)",
+        "serve", help="run the gRPC and HTTP service on a local Ray (Ctrl-C stops it)",
         description="Start a local Ray (no dashboard) and the speccascade application; print the "
-                    "gRPC address when ready; shut everything down on Ctrl-C or SIGTERM.")
+                    "gRPC and the OpenAI-compatible HTTP address when ready; shut everything "
+                    "down on Ctrl-C or SIGTERM.")
     parser.add_argument("--config", help="ServiceConfig YAML (its fields, or a Serve config's "
                         "application args, e.g. deploy/serve.yaml)")
     parser.add_argument("--grpc-port", type=int, default=None, help="default 9000")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="the OpenAI-compatible HTTP API; default 8000")
     parser.add_argument("--host", default=None, help="default 127.0.0.1 (loopback clients only)")
     parser.add_argument("--num-cpus", type=float, default=None,
                         help="logical CPUs for Ray (default: detected)")
@@ -36,15 +39,19 @@ def _serve(args) -> None:
     from speccascade.serve import launch
     from speccascade.serve.config import ServiceConfig
 
-    config = ServiceConfig.load(args.config, grpc_port=args.grpc_port, host=args.host)
+    config = ServiceConfig.load(args.config, grpc_port=args.grpc_port, http_port=args.http_port,
+                                host=args.host)
     _on_stop_signals()  # `kill` stops it as cleanly as Ctrl-C
     try:
-        address = launch.start(config, num_cpus=args.num_cpus)
+        launch.start(config, num_cpus=args.num_cpus)
         _on_stop_signals()  # again: ray.init installs its own
+        address, url = launch.addresses(config)
         target, draft = config.model_paths()
-        print(f"speccascade gRPC service ready at {address} (target {target}, draft {draft})\n"
-              f"  try: speccascade client 'def fib(n):' --address {address} --stream",
-              flush=True)
+        print(f"speccascade ready: gRPC at {address}, OpenAI-compatible HTTP at {url} "
+              f"(target {target}, draft {draft})\n"
+              f"  try: speccascade client 'def fib(n):' --address {address} --stream\n"
+              f"       curl {url}/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"prompt\": \"def fib(n):\", \"max_tokens\": 32}}'", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

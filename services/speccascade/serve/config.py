@@ -105,7 +105,10 @@ class ServiceConfig(_Strict):
     # Serve 2.60's gRPC proxy always listens on [::]; when `host` is a loopback address the router
     # additionally refuses peers that are not loopback (PERMISSION_DENIED). See SECURITY.md.
     host: str = "127.0.0.1"
-    http_port: int = Field(8000, ge=1, le=65535)  # Serve always starts its HTTP proxy (loopback)
+    # The OpenAI-compatible HTTP API (serve.http). Locally Serve's HTTP proxy listens on [::]
+    # (IPv4 too) and, with a loopback `host`, the router refuses non-loopback clients (403).
+    http_port: int = Field(8000, ge=1, le=65535)
+    served_model_name: str = "speccascade"        # the one model id of GET /v1/models
     # -- deployments -------------------------------------------------------------------------
     drafter: DeploymentSpec = Field(default_factory=DeploymentSpec)
     verifier: DeploymentSpec = Field(default_factory=DeploymentSpec)

@@ -1,10 +1,11 @@
-"""The one place that maps exceptions to gRPC status codes.
+"""The one place that maps exceptions to gRPC status codes, and those to HTTP statuses.
 
 Serve turns an unhandled exception into INTERNAL with a stack trace, so the router catches every
 exception of a request, asks `status_for` for its code and a client-safe message, and sets them on
 the `RayServegRPCContext`. Exceptions raised inside a drafter/verifier replica arrive wrapped in a
 `RayTaskError` that is also an instance of the original class, so the isinstance checks below see
-through the hop.
+through the hop. The HTTP door (serve.http) answers with the HTTP status matching the gRPC code
+(`HTTP_STATUS`) and OpenAI's error body (`openai_error`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ class PeerNotAllowedError(PermissionError):
 
 class ReplicaFailedError(RuntimeError):
     """A drafter/verifier call kept failing because its replicas died (retries exhausted)."""
+
+
+class NotFoundError(LookupError):
+    """A name the service does not serve: a model id (HTTP) or a health service name (gRPC)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class RpcAborted(Exception):
@@ -57,6 +66,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, f"a model replica is unavailable: {_message(exc)}"
     if isinstance(exc, PeerNotAllowedError):
         return grpc.StatusCode.PERMISSION_DENIED, str(exc)
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
     # A bug: say what kind without leaking a stack trace to the client (it is in the logs).
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
 
@@ -68,3 +79,26 @@ def set_status(grpc_context, exc: BaseException) -> RpcAborted:
     grpc_context.set_code(code)
     grpc_context.set_details(details)
     return RpcAborted(f"{code.name}: {details}")
+
+
+# gRPC code -> (HTTP status, OpenAI error type). vLLM and OpenAI answer the same statuses.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.INTERNAL: (500, "internal_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+
+
+def openai_error(exc: BaseException) -> tuple[int, dict]:
+    """(HTTP status, body) for `exc`: OpenAI's {"error": {"message", "type", "param", "code"}}.
+    `param` names the offending field; `code` is the gRPC status name the other door answers."""
+    code, details = status_for(exc)
+    status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
+    param = getattr(exc, "field", None) if code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                      grpc.StatusCode.NOT_FOUND) else None
+    return status, {"error": {"message": details, "type": kind, "param": param,
+                              "code": code.name.lower()}}

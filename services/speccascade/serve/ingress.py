@@ -1,13 +1,15 @@
-"""The servicer function Serve's gRPC proxy registers for `speccascade.v1.Generation`.
+"""The servicer functions Serve's gRPC proxy registers: `speccascade.v1.Generation` and the
+standard `grpc.health.v1.Health` (both served by the router: Serve routes a call by its method
+name, and `Check`/`Watch` do not clash with ours; reflection lists every registered service).
 
-It is the generated `add_GenerationServicer_to_server` with two changes.
+They are the generated `add_*Servicer_to_server` with two changes.
 
 - Undecodable requests. The proxy parses each request itself, before any of our code runs, and a
   GenerateRequest that does not parse (protobuf rejects a string field holding invalid UTF-8)
   would be answered with a bare INTERNAL. Here such a request becomes an `Undecodable` naming the
   field, which the router's validation (serve.request) answers with INVALID_ARGUMENT like every
   other bad field.
-- Streams stop when their client goes away (`cancel_on_disconnect`).
+- Streams stop when their client goes away (`cancel_on_disconnect`), a health Watch included.
 
 The proxy imports this module: it stays light (no torch, no transformers).
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2_grpc
 
 from speccascade.v1 import generation_pb2 as pb
 from speccascade.v1 import generation_pb2_grpc as pb_grpc
@@ -142,11 +145,11 @@ def _cancelling_streams(factory):
     return make
 
 
-def add_GenerationServicer_to_server(servicer, server) -> None:  # noqa: N802 - grpc's name
+def _register(add_generated, servicer, server, decoded: tuple[str, ...] = ()) -> None:
     found = _Collect()
-    pb_grpc.add_GenerationServicer_to_server(servicer, found)
+    add_generated(servicer, found)
     handlers = {name: handler._replace(request_deserializer=decode_request)
-                if name in DECODED_METHODS else handler
+                if name in decoded else handler
                 for name, handler in found.handlers.items()}
     # Serve's server builds its handlers with `service_handler_factory` while they are added;
     # the wrapped factory applies to this service only.
@@ -160,3 +163,11 @@ def add_GenerationServicer_to_server(servicer, server) -> None:  # noqa: N802 - 
     finally:
         if factory is not None:
             server.service_handler_factory = factory
+
+
+def add_GenerationServicer_to_server(servicer, server) -> None:  # noqa: N802 - grpc's name
+    _register(pb_grpc.add_GenerationServicer_to_server, servicer, server, DECODED_METHODS)
+
+
+def add_HealthServicer_to_server(servicer, server) -> None:  # noqa: N802 - grpc's name
+    _register(health_pb2_grpc.add_HealthServicer_to_server, servicer, server)

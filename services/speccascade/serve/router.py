@@ -1,8 +1,10 @@
-"""Router: the gRPC ingress of the service (Serve's native gRPC proxy calls it).
+"""Router: the ingress of the service (Serve's gRPC proxy and, through serve.http, its HTTP proxy).
 
-Method names equal the RPC names of `speccascade.v1.Generation`; `GenerateStream` is an async
-generator, which Serve serves as a server-streaming RPC. For each request the router validates
-the message (serve.request), adapts the drafter/verifier handles into the seam's interfaces with
+Method names equal the RPC names of `speccascade.v1.Generation` and of the standard
+`grpc.health.v1.Health` (`Check`, `Watch`); `GenerateStream` and `Watch` are async generators,
+which Serve serves as server-streaming RPCs. serve.http adds the OpenAI-compatible HTTP routes to
+this class, so both doors run in one replica and share `_deltas`. For each request the router
+validates it (serve.request), adapts the drafter/verifier handles into the seam's interfaces with
 KV-cache affinity (serve.remote) and runs the shared generation loop (engine.loop), which holds the
 committed sequence. Every failure is answered through serve.errors, never as a bare INTERNAL.
 """
@@ -13,9 +15,11 @@ import contextlib
 import ipaddress
 import os
 import time
+import urllib.parse
 import uuid
 from typing import AsyncIterator
 
+from grpc_health.v1 import health_pb2
 from transformers import AutoConfig
 
 from speccascade.engine.loop import Delta, generate
@@ -26,8 +30,12 @@ from speccascade.serve.config import ServiceConfig
 from speccascade.serve.metrics import RouterMetrics
 from speccascade.serve.remote import RemoteDrafter, RemoteVerifier
 from speccascade.serve.replica import serve_replica_name
-from speccascade.serve.request import Limits, to_generation_request
+from speccascade.serve.request import Limits, RequestFields, to_generation_request
 from speccascade.v1 import generation_pb2 as pb
+
+# Health service names Check and Watch answer for: the whole server ("") and ours.
+HEALTH_SERVICES = ("", pb.DESCRIPTOR.services_by_name["Generation"].full_name)
+HEALTH_WATCH_PERIOD_S = 5.0
 
 FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, "length": pb.LENGTH, "stop": pb.STOP,
                   "eos": pb.EOS}
@@ -42,18 +50,27 @@ def stats_message(stats: RequestStats) -> pb.GenerationStats:
         acceptance_rate=stats.acceptance_rate, replicas=sorted(stats.replicas))
 
 
-def is_loopback_peer(peer: str) -> bool:
-    """gRPC peer strings: "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path"."""
-    kind, _, address = peer.partition(":")
-    if kind == "unix":
-        return True
-    host = address.rsplit(":", 1)[0].strip("[]")
+def is_loopback_host(host: str | None) -> bool:
+    """An IP address (HTTP's client host): 127.0.0.0/8, ::1, or IPv4-mapped ::ffff:127.x."""
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address((host or "").split("%")[0])  # without an IPv6 zone id
     except ValueError:
         return False
     mapped = getattr(ip, "ipv4_mapped", None)
     return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def is_loopback_peer(peer: str) -> bool:
+    """A gRPC peer string as grpc 1.85 writes it: "ipv4:127.0.0.1:5000", "ipv6:%5B::1%5D:5000"
+    (URL-encoded brackets, for a client that connected to localhost or [::1]), "unix:" or
+    "unix:/path", "unix-abstract:name". Unix sockets are local by nature."""
+    kind, _, address = peer.partition(":")
+    if kind in ("unix", "unix-abstract"):
+        return True
+    if kind not in ("ipv4", "ipv6"):
+        return False
+    host = urllib.parse.unquote(address).rpartition(":")[0]
+    return is_loopback_host(host.removeprefix("[").removesuffix("]"))
 
 
 async def within(deltas: AsyncIterator[Delta], deadline: float) -> AsyncIterator[Delta]:
@@ -91,7 +108,8 @@ class Router:
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         ids, texts, last = [], [], None
         try:
-            async with contextlib.aclosing(self._deltas(request, grpc_context)) as deltas:
+            self._check_peer(grpc_context)
+            async with contextlib.aclosing(self._deltas(request)) as deltas:
                 async for delta in deltas:
                     ids.extend(delta.token_ids)
                     texts.append(delta.text)
@@ -108,7 +126,8 @@ class Router:
         # aclosing: a client that goes away closes this generator, and with it at once the loop,
         # whose `finally` releases the request's KV entries.
         try:
-            async with contextlib.aclosing(self._deltas(request, grpc_context)) as deltas:
+            self._check_peer(grpc_context)
+            async with contextlib.aclosing(self._deltas(request)) as deltas:
                 async for delta in deltas:
                     done = delta.finish_reason is not None
                     yield pb.GenerateStreamResponse(
@@ -121,16 +140,12 @@ class Router:
 
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
         limits = self.limits
-        serving, detail = True, "serving"
         try:
             self._check_peer(grpc_context)
-            await asyncio.wait_for(asyncio.gather(self._call(self._drafter, "stats"),
-                                                  self._call(self._verifier, "stats")), 10)
         except errors.PeerNotAllowedError as exc:
             errors.set_status(grpc_context, exc)
             return pb.HealthResponse()
-        except Exception as exc:  # noqa: BLE001 - reported in the response, not as a status
-            serving, detail = False, errors.status_for(exc)[1]
+        serving, detail = await self._serving()
         return pb.HealthResponse(
             serving=serving, detail=detail, vocab_size=limits.vocab_size,
             max_seq_len=limits.max_seq_len, max_new_tokens=limits.max_new_tokens,
@@ -153,10 +168,56 @@ class Router:
                                 router_replica=serve_replica_name("router"),
                                 router_pid=os.getpid())
 
+    # -- grpc.health.v1.Health (what Kubernetes gRPC probes and grpc_health_probe call) -------
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    grpc_context) -> health_pb2.HealthCheckResponse:
+        try:
+            self._check_peer(grpc_context)
+            if request.service not in HEALTH_SERVICES:
+                raise errors.NotFoundError("service", f"unknown service {request.service!r}; "
+                                           f"known: {', '.join(map(repr, HEALTH_SERVICES))}")
+        except Exception as exc:  # noqa: BLE001
+            errors.set_status(grpc_context, exc)
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=await self._health_status())
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    grpc_context) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """The status now, then each change (checked every HEALTH_WATCH_PERIOD_S) until the client
+        goes away. An unknown service gets SERVICE_UNKNOWN and the call stays open (the spec)."""
+        try:
+            self._check_peer(grpc_context)
+        except Exception as exc:  # noqa: BLE001
+            raise errors.set_status(grpc_context, exc) from None
+        last = None
+        while True:
+            status = (await self._health_status() if request.service in HEALTH_SERVICES
+                      else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(HEALTH_WATCH_PERIOD_S)
+
+    async def _health_status(self) -> int:
+        serving, _ = await self._serving()
+        return (health_pb2.HealthCheckResponse.SERVING if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _serving(self) -> tuple[bool, str]:
+        """Whether a drafter and a verifier replica answer (within 10 s), and why not."""
+        try:
+            await asyncio.wait_for(asyncio.gather(self._call(self._drafter, "stats"),
+                                                  self._call(self._verifier, "stats")), 10)
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            return False, errors.status_for(exc)[1]
+        return True, "serving"
+
     # -- helpers -----------------------------------------------------------------------------
-    async def _deltas(self, message: pb.GenerateRequest, grpc_context) -> AsyncIterator[Delta]:
-        """Admission, validation and the loop, with metrics; raises on any failure."""
-        self._check_peer(grpc_context)
+    async def _deltas(self, message: pb.GenerateRequest | RequestFields,
+                      validated: list | None = None) -> AsyncIterator[Delta]:
+        """Admission, validation and the loop, with metrics; raises on any failure. Both doors
+        call it (after their peer check) with what they received; the validated
+        GenerationRequest is appended to `validated` when given (HTTP reports prompt tokens)."""
         if self._inflight >= self.config.router_queue_cap:
             raise errors.QueueFullError(f"router has {self._inflight} requests in flight "
                                         f"(router_queue_cap={self.config.router_queue_cap})")
@@ -167,6 +228,8 @@ class Router:
             request = to_generation_request(message, request_id=uuid.uuid4().hex,
                                             tokenizer=self.tokenizer, limits=self.limits)
             mode = request.mode.name.lower()
+            if validated is not None:
+                validated.append(request)
             retry = dict(attempts=self.config.replica_retry_attempts,
                          backoff_s=self.config.replica_retry_backoff_s)
             drafter = RemoteDrafter(self._drafter, request.request_id, **retry)
@@ -194,7 +257,10 @@ class Router:
             self._metrics.finished(mode, status, stats, num_tokens)
 
     def _check_peer(self, grpc_context) -> None:
-        if self.config.is_loopback and not is_loopback_peer(grpc_context.peer()):
+        self._check_client(is_loopback_peer(grpc_context.peer()))
+
+    def _check_client(self, is_loopback: bool) -> None:
+        if self.config.is_loopback and not is_loopback:
             raise errors.PeerNotAllowedError(
                 f"this service accepts loopback clients only (host={self.config.host})")
 
