@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -106,17 +105,18 @@ def complete_line(client, prompt: str, **fields) -> dict:
 
 
 def quality_pass(client, plan, tasks, table: dict, desc: str) -> dict[str, list[dict]]:
-    """Every configuration over every task, plan.streams tasks at a time: {name: [run per task]}."""
-    out = {}
-    with tqdm(total=len(table) * len(tasks), desc=desc, unit="task") as bar, \
+    """Every configuration over every task, plan.streams requests at a time (one queue for all
+    configurations, so the streams stay busy across their boundaries): {name: [run per task]}."""
+    jobs = [(name, i) for name in table for i in range(len(tasks))]
+    with tqdm(total=len(jobs), desc=desc, unit="task") as bar, \
             ThreadPoolExecutor(max_workers=plan.streams) as pool:
-        for name, config in table.items():
-            def one(i):
-                run = complete_line(client, tasks[i].prompt, **seeded(config["fields"], plan, i))
-                bar.update()
-                return run
-            out[name] = list(pool.map(one, range(len(tasks))))
-    return out
+        def one(job):
+            name, i = job
+            run = complete_line(client, tasks[i].prompt, **seeded(table[name]["fields"], plan, i))
+            bar.update()
+            return run
+        runs = list(pool.map(one, jobs))
+    return {name: runs[k * len(tasks):(k + 1) * len(tasks)] for k, name in enumerate(table)}
 
 
 def speed_pass(client, plan, tasks, table: dict, desc: str) -> dict[str, dict]:
@@ -294,7 +294,6 @@ def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPla
     quality["greedy"].update(seq_runs)
     speed["greedy"].update(seq_speed)
     timings["sequential_s"] = time.perf_counter() - started
-    torch.set_num_threads(os.cpu_count() or 1)  # scoring: the service is gone, every core is free
     started = time.perf_counter()
     score(engine, tasks, quality)
     timings["score_s"] = time.perf_counter() - started

@@ -111,7 +111,8 @@ def section(results: dict, markdown: Path, out_dir: Path) -> str:
         png = out_dir / f"frontier_{decoding}.png"
         plot(a, decoding, png)
         front = {n for names in a["pareto"].values() for n in names}
-        lines += [f"### {TITLES[decoding].capitalize()}", "",
+        title = TITLES[decoding]
+        lines += [f"### {title[0].upper() + title[1:]}", "",
                   f"![frontier {decoding}]({os.path.relpath(png, markdown.parent)})", "",
                   "| configuration | latency vs TARGET | speed vs SPECULATIVE | Δ log-lik | "
                   "Δ edit similarity | Δ exact match | Pareto (metrics) |",
@@ -125,8 +126,8 @@ def section(results: dict, markdown: Path, out_dir: Path) -> str:
             lines[-1] += " | ".join(_ci(r[f"{m}_ci"]) for m in METRICS) + f" | {on} |"
         lines += ["", "#### The knob: α within 1 % of TARGET", ""] + knob_table(a, decoding)
     est = results["estimate_full_run_s"]
-    lines += [f"Estimated time of the full plan from this run's unit costs: {est['total_s'] / 60:.0f} "
-              "min (" + ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in est.items() if k != "total_s")
+    lines += [f"Estimated time of the full plan (FrontierPlan defaults) from this run's unit costs: "
+              f"{est['total_s'] / 60:.0f} min (" + ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in est.items() if k != "total_s")
               + ").", ""]
     return "\n".join(lines)
 
