@@ -38,7 +38,7 @@ bench: install      ## full benchmark: BENCHMARKS.md, JSON and plots
 bench-quick: install
 	$(BIN)/speccascade bench --quick
 
-frontier: install   ## quality–latency frontier of the cascades (about 30 min): benchmarks/frontier.*
+frontier: install   ## cascade quality–latency frontier: benchmarks/frontier.* (time it first: speccascade bench frontier --estimate-only)
 	$(BIN)/speccascade bench frontier --out benchmarks --markdown benchmarks/frontier.md
 
 frontier-quick: install

@@ -19,7 +19,7 @@ def add_bench_parser(subparsers) -> None:
     parser.set_defaults(func=_bench)
     sub = parser.add_subparsers(dest="bench_command")  # optional: plain `bench` is the full run
     frontier = sub.add_parser("frontier", help="quality–latency frontier of the cascades, with "
-                              "paired bootstrap CIs (bench/frontier.py; full plan ≈ 30 min)")
+                              "paired bootstrap CIs (bench/frontier.py; --estimate-only times it first)")
     frontier.add_argument("--quick", action="store_true", help="a handful of tasks and α (CI)")
     frontier.add_argument("--estimate-only", action="store_true",
                           help="time a small sample, print the full plan's estimate, and stop")
