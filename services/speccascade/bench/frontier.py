@@ -55,6 +55,7 @@ class FrontierPlan:
     seq_tasks: int = 200          # the in-process sequential cascade (one token per Python step)
     gamma: int = 4
     seed: int = 1234              # task i of a sampled run has seed + i
+    stop_at_line_end: bool = True  # cancel each stream once its line is complete (same metrics)
     grpc_port: int = 9124
     target: str | None = None
     draft: str | None = None
@@ -90,15 +91,16 @@ def seeded(fields: dict, plan: FrontierPlan, task: int) -> dict:
     return {**fields, "seed": plan.seed + task} if fields.get("temperature") else fields
 
 
-def complete_line(client, prompt: str, **fields) -> dict:
-    """Stream until the predicted line is complete, then cancel the rest of the stream."""
+def complete_line(client, prompt: str, cancel: bool = True, **fields) -> dict:
+    """Stream until the predicted line is complete, then cancel the rest of the stream (or, with
+    cancel=False, read it to its end: the metrics only look at the tokens up to the line's end)."""
     started = time.perf_counter()
     ids, text = [], ""
     stream = client.generate_stream(prompt, max_new_tokens=LINE_TOKENS, **fields)
     for message in stream:
         ids.extend(message.token_ids)
         text += message.text
-        if line_complete(text):
+        if cancel and line_complete(text):
             stream.cancel()
             break
     return {"token_ids": ids, "text": text, "ms": (time.perf_counter() - started) * 1000}
@@ -112,7 +114,8 @@ def quality_pass(client, plan, tasks, table: dict, desc: str) -> dict[str, list[
             ThreadPoolExecutor(max_workers=plan.streams) as pool:
         def one(job):
             name, i = job
-            run = complete_line(client, tasks[i].prompt, **seeded(table[name]["fields"], plan, i))
+            run = complete_line(client, tasks[i].prompt, plan.stop_at_line_end,
+                                **seeded(table[name]["fields"], plan, i))
             bar.update()
             return run
         runs = list(pool.map(one, jobs))

@@ -52,8 +52,8 @@ def plot(analysis: dict, decoding: str, path: Path) -> None:
             x, y, err = point(rows[name])
             ax.errorbar([x], [y], yerr=err, fmt=marker, markersize=12, color="black", label=name)
         front = [rows[n] for n in analysis["pareto"][metric]]
-        ax.plot([r["latency_vs_target"] for r in front], [r[metric] for r in front], "o",
-                markersize=16, markerfacecolor="none", markeredgecolor="grey", label="Pareto front")
+        ax.plot([r["latency_vs_target"] for r in front], [r[metric] for r in front], "o:",
+                color="grey", markersize=16, markerfacecolor="none", label="Pareto front")
         ax.set_xlabel("latency relative to TARGET (lower is faster)")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
