@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import free_port
-from speccascade.bench.frontier import knob, pareto_front
+from speccascade.bench.frontier import best_cascade, knob, pareto_front
 from speccascade.bench.peers import target_log_likelihood
 from speccascade.models.evaluate import (continuation_log_likelihoods, line_complete,
                                          line_token_count, paired_bootstrap_ci, predicted_line)
@@ -80,6 +80,16 @@ def test_knob_stops_at_the_first_alpha_over_the_loss_from_the_sd_end():
     assert k["CHOW"]["alpha"] == 0.25 and k["CHOW"]["speed_vs_speculative"] == 1.1
     assert k["DIFF"] is None and k["OPT"] is None
     assert k["TOKEN_V3"]["alpha"] == 0.5
+
+
+def test_best_cascade_is_the_fastest_within_the_loss_on_a_separating_metric():
+    rows = {"TARGET": {**_row(None, None, 0.0, 0.8)},
+            "fast lossy": _row("CHOW", 0.75, 0.02, 1.6),
+            "ok": _row("CHOW", 0.25, 0.004, 1.1), "better": _row("TOKEN_V3", 0.5, 0.01, 1.3),
+            "seq": {**_row("CHOW", 0.1, 0.0), "speed_vs_speculative": None}}
+    best = best_cascade({"rows": rows, "separating_metrics": ["m"]})
+    assert best["name"] == "better" and best["speed_vs_speculative"] == 1.3 and best["metric"] == "m"
+    assert best_cascade({"rows": rows, "separating_metrics": []}) is None
 
 
 def test_line_end_and_its_tokens(tiny_pair):

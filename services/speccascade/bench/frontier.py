@@ -263,6 +263,18 @@ def knob(rows: dict, metric: str) -> dict:
     return out
 
 
+def best_cascade(analysis: dict) -> dict | None:
+    """For BENCHMARKS.md's goal: the fastest cascade (speed vs SPECULATIVE) whose relative loss
+    against TARGET is ≤ 1 % at the upper CI bound on some metric whose CI separates DRAFT from
+    TARGET; None if none is."""
+    found = [{"name": name, "metric": m, "speed_vs_speculative": r["speed_vs_speculative"],
+              "rel_loss_hi": r[f"{m}_ci"]["rel_loss_hi"]}
+             for name, r in analysis["rows"].items() for m in analysis["separating_metrics"]
+             if r["rule"] and r["speed_vs_speculative"] is not None
+             and r[f"{m}_ci"]["rel_loss_hi"] <= MAX_LOSS]
+    return max(found, key=lambda f: f["speed_vs_speculative"], default=None)
+
+
 def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPlan | None = None) -> dict:
     import torch
 
@@ -309,6 +321,7 @@ def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPla
                "analysis": analyse(plan, quality, speed),
                "outputs": {d: {n: [r["token_ids"] for r in runs] for n, runs in t.items()}
                            for d, t in quality.items()}}
+    results["best_cascade"] = {d: best_cascade(a) for d, a in results["analysis"].items()}
     results["estimate_full_run_s"] = estimate_seconds(plan, timings, estimate_for or FrontierPlan())
     (out_dir / "frontier.json").write_text(json.dumps(results, indent=1, default=str))
     return results

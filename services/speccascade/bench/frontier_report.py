@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from speccascade.bench.frontier import MAX_LOSS, METRICS  # noqa: E402
+from speccascade.bench.frontier import MAX_LOSS, METRICS, best_cascade  # noqa: E402
 
 COMMAND = "make frontier   # = speccascade bench frontier --out benchmarks --markdown benchmarks/frontier.md"
 TITLES = {"greedy": "greedy", "sampled": "sampled (T 0.8, top_p 0.95)"}
@@ -124,7 +124,12 @@ def section(results: dict, markdown: Path, out_dir: Path) -> str:
             lines.append(f"| {name} | {latency:.2f} | {speed} | " if math.isfinite(latency) else
                          f"| {name} | – | {speed} | ")
             lines[-1] += " | ".join(_ci(r[f"{m}_ci"]) for m in METRICS) + f" | {on} |"
-        lines += ["", "#### The knob: α within 1 % of TARGET", ""] + knob_table(a, decoding)
+        best = best_cascade(a)
+        lines += ["", f"Fastest cascade within {MAX_LOSS:.0%} of TARGET (upper CI bound) on a "
+                  "separating metric: " + ("none" if best is None else
+                  f"{best['name']}, {best['speed_vs_speculative']:.2f}× SPECULATIVE "
+                  f"({METRICS[best['metric']]}, loss ≤ {best['rel_loss_hi']:.2%})") + ".",
+                  "", "#### The knob: α within 1 % of TARGET", ""] + knob_table(a, decoding)
     est = results["estimate_full_run_s"]
     lines += [f"Estimated time of the full plan (FrontierPlan defaults) from this run's unit costs: "
               f"{est['total_s'] / 60:.0f} min (" + ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in est.items() if k != "total_s")
