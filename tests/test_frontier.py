@@ -125,6 +125,7 @@ def test_quick_frontier_runs_end_to_end(tmp_path):
     out = tmp_path / "frontier"
     subprocess.run([sys.executable, "-m", "speccascade.cli", "bench", "frontier", "--quick",
                     "--out", str(out), "--grpc-port", str(free_port()),
+                    "--http-port", str(free_port()),
                     "--dtype", "float32"],  # fp32: greedy SPECULATIVE equals TARGET exactly
                    check=True, timeout=900)
     results = json.loads((out / "frontier.json").read_text())
@@ -152,6 +153,7 @@ def test_quick_frontier_runs_end_to_end(tmp_path):
     assert any(name.startswith("SEQUENTIAL CHOW") for name in greedy)
     assert all(len(runs) == tasks for name, runs in greedy.items() if not name.startswith("SEQ"))
     assert results["estimate_full_run_s"]["total_s"] > 0
+    assert set(results["best_cascade"]) == {"greedy", "sampled"}
     text = (out / "frontier.md").read_text()
     assert text.startswith("## Quality–latency frontier")
     assert "Which metric separates TARGET from DRAFT" in text and "![frontier sampled]" in text

@@ -33,6 +33,7 @@ def add_bench_parser(subparsers) -> None:
                           "to its end instead of cancelling it at the line's end (same metrics, "
                           "about 2.5x the tokens)")
     frontier.add_argument("--grpc-port", type=int, default=9124)
+    frontier.add_argument("--http-port", type=int, default=8124, help="Serve's HTTP proxy")
     frontier.add_argument("--target", default=None, help="local checkpoint (default: embedded pair)")
     frontier.add_argument("--draft", default=None, help="local checkpoint (default: embedded pair)")
     frontier.add_argument("--dtype", default=None, help="service replicas (default: the config's)")
@@ -68,8 +69,8 @@ def _frontier(args: argparse.Namespace) -> None:
     full = fr.FrontierPlan()
     given = {k: v for k, v in (("tasks", args.tasks), ("alphas_per_rule", args.alphas_per_rule),
                                ("streams", args.streams)) if v is not None}
-    common = dict(grpc_port=args.grpc_port, target=args.target, draft=args.draft, dtype=args.dtype,
-                  stop_at_line_end=not args.full_length)
+    common = dict(grpc_port=args.grpc_port, http_port=args.http_port, target=args.target,
+                  draft=args.draft, dtype=args.dtype, stop_at_line_end=not args.full_length)
     full = replace(full, **given, **common)
     if args.estimate_only:  # a sample of the full plan: its own streams, few tasks and α
         plan = replace(full, tasks=2 * full.streams, alphas_per_rule=1, speed_tasks=2,

@@ -57,6 +57,7 @@ class FrontierPlan:
     seed: int = 1234              # task i of a sampled run has seed + i
     stop_at_line_end: bool = True  # cancel each stream once its line is complete (same metrics)
     grpc_port: int = 9124
+    http_port: int = 8124         # Serve always starts its HTTP proxy: not 8000, which others use
     target: str | None = None
     draft: str | None = None
     dtype: str | None = None      # service replicas; None = the config default
@@ -140,7 +141,7 @@ def _service_config(plan: FrontierPlan):
     from speccascade.serve.config import ServiceConfig
 
     model = {"dtype": plan.dtype} if plan.dtype else {}
-    return ServiceConfig.load({"grpc_port": plan.grpc_port,
+    return ServiceConfig.load({"grpc_port": plan.grpc_port, "http_port": plan.http_port,
                                "target": {"path": plan.target, **model},
                                "draft": {"path": plan.draft, **model},
                                "default_num_draft_tokens": plan.gamma,
