@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install run demo test test-fast proto bench bench-quick models models-eval clean
+.PHONY: install run demo test test-fast proto bench bench-quick frontier frontier-quick models models-eval clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench: install      ## full benchmark: BENCHMARKS.md, JSON and plots
 
 bench-quick: install
 	$(BIN)/speccascade bench --quick
+
+frontier: install   ## cascade quality–latency frontier: benchmarks/frontier.* (time it first: speccascade bench frontier --estimate-only)
+	$(BIN)/speccascade bench frontier --out benchmarks --markdown benchmarks/frontier.md
+
+frontier-quick: install
+	$(BIN)/speccascade bench frontier --quick
 
 models: install     ## rebuild the embedded default pair (about an hour on 2 cores)
 	$(BIN)/speccascade models build

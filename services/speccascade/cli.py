@@ -22,7 +22,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--rule", choices=RULES, default="chow", help="cascade deferral rule")
     parser.add_argument("--alpha", type=float, default=None,
-                        help="cascade lenience α (default: the rule's SD end)")
+                        help="cascade lenience α, deferral_threshold (default: the rule's SD end); "
+                        "README 'Choosing α' lists per rule the α that keeps quality within 1 %% of TARGET")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--no-pipeline", action="store_true", help="draft and verify in turn")
 

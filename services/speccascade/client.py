@@ -7,7 +7,9 @@
         print(part.text, end="", flush=True)
 
 Keyword arguments are the fields of `GenerateRequest`; `mode`, `deferral_rule` take enum names
-(case-insensitive) or numbers. gRPC errors surface as `grpc.RpcError` with the server's status.
+(case-insensitive) or numbers. For `deferral_threshold` (the cascade's α), README.md "Choosing α"
+lists per rule the α whose quality stays within 1 % of TARGET, and the speed it buys.
+gRPC errors surface as `grpc.RpcError` with the server's status.
 """
 from __future__ import annotations
 

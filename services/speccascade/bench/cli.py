@@ -17,6 +17,27 @@ def add_bench_parser(subparsers) -> None:
     parser.add_argument("--dtype", default=None, help="both models (default: the config's, auto); "
                         "float32 makes greedy equality exact")
     parser.set_defaults(func=_bench)
+    sub = parser.add_subparsers(dest="bench_command")  # optional: plain `bench` is the full run
+    frontier = sub.add_parser("frontier", help="quality–latency frontier of the cascades, with "
+                              "paired bootstrap CIs (bench/frontier.py; --estimate-only times it first)")
+    frontier.add_argument("--quick", action="store_true", help="a handful of tasks and α (CI)")
+    frontier.add_argument("--estimate-only", action="store_true",
+                          help="time a small sample, print the full plan's estimate, and stop")
+    frontier.add_argument("--out", default=None, help="folder for frontier.json and plots "
+                          "(default: benchmarks/, or a temp folder with --quick or --estimate-only)")
+    frontier.add_argument("--markdown", default=None, help="default: <out>/frontier.md")
+    frontier.add_argument("--tasks", type=int, default=None, help="line-completion tasks")
+    frontier.add_argument("--alphas-per-rule", type=int, default=None)
+    frontier.add_argument("--streams", type=int, default=None, help="concurrent quality streams")
+    frontier.add_argument("--full-length", action="store_true", help="read every quality stream "
+                          "to its end instead of cancelling it at the line's end (same metrics, "
+                          "about 2.5x the tokens)")
+    frontier.add_argument("--grpc-port", type=int, default=9124)
+    frontier.add_argument("--http-port", type=int, default=8124, help="Serve's HTTP proxy")
+    frontier.add_argument("--target", default=None, help="local checkpoint (default: embedded pair)")
+    frontier.add_argument("--draft", default=None, help="local checkpoint (default: embedded pair)")
+    frontier.add_argument("--dtype", default=None, help="service replicas (default: the config's)")
+    frontier.set_defaults(func=_frontier)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -37,3 +58,42 @@ def _bench(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'results.json'}, {markdown} and plots in {out}")
     for name, (value, goal, op, issue) in results["derived"]["goals"].items():
         print(f"  issue {issue}: {name}: {value:.2f} (goal {op} {goal})")
+
+
+def _frontier(args: argparse.Namespace) -> None:
+    import tempfile
+    from dataclasses import replace
+
+    from speccascade.bench import frontier as fr
+
+    full = fr.FrontierPlan()
+    given = {k: v for k, v in (("tasks", args.tasks), ("alphas_per_rule", args.alphas_per_rule),
+                               ("streams", args.streams)) if v is not None}
+    common = dict(grpc_port=args.grpc_port, http_port=args.http_port, target=args.target,
+                  draft=args.draft, dtype=args.dtype, stop_at_line_end=not args.full_length)
+    full = replace(full, **given, **common)
+    if args.estimate_only:  # a sample of the full plan: its own streams, few tasks and α
+        plan = replace(full, tasks=2 * full.streams, alphas_per_rule=1, speed_tasks=2,
+                       speed_rounds=1, seq_tasks=4)
+    elif args.quick:
+        plan = replace(fr.FrontierPlan.quick(), **given, **common)
+    else:
+        plan = full
+    scratch = args.quick or args.estimate_only
+    out = Path(args.out) if args.out else (
+        Path(tempfile.mkdtemp(prefix="speccascade-frontier-")) if scratch else Path("benchmarks"))
+    results = fr.run_frontier(plan, out, estimate_for=full)
+    est = results["estimate_full_run_s"]
+    print(f"estimated full run ({full.tasks} tasks, {full.alphas_per_rule} α per rule, "
+          f"{full.streams} streams): {est['total_s'] / 60:.1f} min (" + ", ".join(
+              f"{k[:-2]} {v / 60:.1f}" for k, v in est.items() if k != "total_s") + ")")
+    if args.estimate_only:
+        return
+    from speccascade.bench.frontier_report import write
+
+    markdown = Path(args.markdown) if args.markdown else out / "frontier.md"
+    write(results, out, markdown)
+    print(f"wrote {out / 'frontier.json'}, {markdown} and frontier_*.png in {out}")
+    for decoding, a in results["analysis"].items():
+        print(f"  {decoding}: metrics whose DRAFT − TARGET CI excludes 0: "
+              f"{', '.join(a['separating_metrics']) or 'none'}")

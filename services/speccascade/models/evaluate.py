@@ -249,3 +249,74 @@ def main(args) -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Telling configurations apart (bench/frontier.py): a line's end, the target's log-likelihood of
+# many continuations at once, and a paired bootstrap.
+# --------------------------------------------------------------------------------------------
+
+
+def line_complete(text: str) -> bool:
+    """True once `text` holds the whole predicted line (a non-blank line after the first newline,
+    itself ended by a newline): nothing generated after that changes the line-completion score."""
+    return any(line.strip() for line in text.split("\n")[1:-1])
+
+
+def line_token_count(tokenizer, token_ids: list[int]) -> int:
+    """How many of token_ids it takes to complete the predicted line (all of them if they never do)."""
+    for k in range(1, len(token_ids) + 1):
+        if line_complete(tokenizer.decode(token_ids[:k])):
+            return k
+    return len(token_ids)
+
+
+@torch.inference_mode()
+def continuation_log_likelihoods(target, prompt: list[int], outputs: list[list[int]]) -> list[float]:
+    """Mean log p_target(token | prefix) per token (nats) of each output after one shared prompt;
+    NaN for an empty output. One prompt forward, then every distinct output in one batch over the
+    prompt's cache: configurations that agree (most of them, near the SD end) are scored once."""
+    distinct = sorted({tuple(o) for o in outputs if o})
+    scores: dict[tuple, float] = {}
+    if distinct:
+        out = target(torch.tensor([prompt]), use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(distinct))
+        width = max(map(len, distinct))
+        # Right padding needs no mask: a causal position never attends to the pads after it.
+        ids = torch.tensor([list(o) + [0] * (width - len(o)) for o in distinct])  # [n, width]
+        logits = target(ids, past_key_values=cache).logits.float()  # [n, width, vocab]
+        first = out.logits[0, -1].float().expand(len(distinct), 1, -1)  # [n, 1, vocab]
+        logprobs = torch.cat([first, logits[:, :-1]], 1).log_softmax(-1)  # [n, width, vocab]
+        picked = logprobs.gather(-1, ids[..., None])[..., 0]  # [n, width]
+        lengths = torch.tensor([len(o) for o in distinct])
+        valid = torch.arange(width)[None] < lengths[:, None]  # [n, width]
+        means = (picked * valid).sum(1) / lengths
+        scores = dict(zip(distinct, means.tolist()))
+    return [scores[tuple(o)] if o else math.nan for o in outputs]
+
+
+def paired_bootstrap_ci(a, b, *, resamples: int = 10_000, level: float = 0.95,
+                        seed: int = 0) -> dict:
+    """Percentile bootstrap of mean(a) − mean(b) over tasks resampled in pairs (the same tasks
+    for both), and of the relative loss (mean(b) − mean(a)) / |mean(b)| with b the reference.
+    Tasks where either value is NaN are left out. A fixed seed makes the interval reproducible."""
+    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    keep = ~(x.isnan() | y.isnan())
+    x, y = x[keep], y[keep]
+    n = len(x)
+    if n == 0:
+        return {"tasks": 0, "diff": math.nan, "lo": math.nan, "hi": math.nan,
+                "rel_loss": math.nan, "rel_loss_lo": math.nan, "rel_loss_hi": math.nan}
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (resamples, n), generator=g)  # [resamples, n]
+    mx, my = x[idx].mean(1), y[idx].mean(1)  # [resamples]
+    diff = mx - my
+    rel = (my - mx) / my.abs().clamp_min(1e-12)
+    tail = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = diff.quantile(tail).tolist()
+    rel_lo, rel_hi = rel.quantile(tail).tolist()
+    mean_b = y.mean().item()
+    return {"tasks": n, "diff": (x.mean() - y.mean()).item(), "lo": lo, "hi": hi,
+            "rel_loss": (mean_b - x.mean().item()) / max(abs(mean_b), 1e-12),
+            "rel_loss_lo": rel_lo, "rel_loss_hi": rel_hi}
