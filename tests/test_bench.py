@@ -45,6 +45,7 @@ def test_quick_bench_runs_end_to_end(tmp_path):
     markdown = tmp_path / "BENCHMARKS.md"
     subprocess.run([sys.executable, "-m", "speccascade.cli", "bench", "--quick", "--out", str(out),
                     "--markdown", str(markdown), "--grpc-port", str(free_port()),
+                    "--http-port", str(free_port()),
                     "--dtype", "float32"],  # fp32: greedy equality is exact
                    check=True, timeout=900)
     results = json.loads((out / "results.json").read_text())

@@ -12,6 +12,7 @@ def add_bench_parser(subparsers) -> None:
                         "(default: benchmarks/, or a temp folder with --quick)")
     parser.add_argument("--markdown", default=None, help="default: BENCHMARKS.md (full run)")
     parser.add_argument("--grpc-port", type=int, default=9123)
+    parser.add_argument("--http-port", type=int, default=8123, help="Serve's HTTP proxy")
     parser.add_argument("--target", default=None, help="local checkpoint (default: embedded pair)")
     parser.add_argument("--draft", default=None, help="local checkpoint (default: embedded pair)")
     parser.add_argument("--dtype", default=None, help="both models (default: the config's, auto); "
@@ -48,7 +49,7 @@ def _bench(args: argparse.Namespace) -> None:
     from speccascade.bench.run import BenchPlan, run_bench
 
     plan = replace(BenchPlan.quick() if args.quick else BenchPlan(), grpc_port=args.grpc_port,
-                   target=args.target, draft=args.draft, dtype=args.dtype)
+                   http_port=args.http_port, target=args.target, draft=args.draft, dtype=args.dtype)
     scratch = Path(tempfile.mkdtemp(prefix="speccascade-bench-")) if args.quick else None
     out = Path(args.out) if args.out else (scratch or Path("benchmarks"))
     markdown = Path(args.markdown) if args.markdown else (out / "BENCHMARKS.md" if args.quick

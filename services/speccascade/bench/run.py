@@ -37,6 +37,7 @@ class BenchPlan:
     streams: tuple[int, ...] = (1, 2, 4, 8, 16)
     requests_per_stream: int = 2
     grpc_port: int = 9123
+    http_port: int = 8123       # Serve always starts its HTTP proxy: not 8000, which others use
     target: str | None = None   # local checkpoint paths; None = the embedded default pair
     draft: str | None = None
     dtype: str | None = None    # both models; None = the config default (`auto`)
@@ -59,7 +60,7 @@ def _service_config(plan: BenchPlan):
     from speccascade.serve.config import ServiceConfig
 
     model = {"dtype": plan.dtype} if plan.dtype else {}
-    return ServiceConfig.load({"grpc_port": plan.grpc_port,
+    return ServiceConfig.load({"grpc_port": plan.grpc_port, "http_port": plan.http_port,
                                "target": {"path": plan.target, **model},
                                "draft": {"path": plan.draft, **model},
                                "default_num_draft_tokens": plan.gamma,

@@ -1,5 +1,5 @@
 """HTTP through Serve's proxy: routes on the ingress itself vs a sibling ingress deployment that forwards
-to it by handle (what serve/http.py chose between). Run: PYTHONPATH=services python tools/measure_http_hop.py
+to it by handle (what serve/http.py chose between). Run: .venv/bin/python -m speccascade.bench.http_hop
 """
 import asyncio, json, statistics, sys, time, http.client
 import ray
