@@ -1,0 +1,194 @@
+"""SlabKVCache: a preallocated K/V cache for many sequences, made for speculative serving.
+
+Layout (gpt-fast's static cache, one slot per sequence; REFERENCE.md §10): per attention layer one
+K and one V slab `[slots + 1, kv_heads, slot_len, head_dim]`, zero-initialised. A sequence owns a
+slot and a length; a forward writes each row's k new tokens in place at its own positions, and a
+rollback is setting the length: rejected drafts stay in the slab past the length, masked, until
+they are overwritten. Nothing is ever concatenated or copied per step. The extra last slot is a
+scratch area where the padding columns of short rows are written.
+
+It plugs into transformers through `AttentionInterface` (model code untouched): the runner calls
+`model.set_attn_implementation(ATTN_NAME)` and, around each forward, `begin`/`end`. Every attention
+layer then hands its new K/V (after RoPE) to `attend`, which writes them into the slab and attends
+over the slab with one boolean mask per forward (one more for each sliding window size), shared by
+all layers. Every layer keeps the whole context, so sliding-window layers (Mistral, Gemma-2/3) roll
+back exactly like full ones. Softcapped attention (Gemma-2) takes a matmul path; everything else is
+torch SDPA with `enable_gqa=True`, so K/V are never repeated per head group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTN_NAME = "speccascade_slab"
+_MODULE_ATTR = "_speccascade_kv"
+
+
+class _Binding:
+    """Shared by a model's attention layers: the cache of the forward in progress, if any (two
+    runners may wrap one model, as tests do; a model runs one forward at a time)."""
+    active: "SlabKVCache | None" = None
+    probe: "dict[int, tuple[int, int, torch.dtype]] | None" = None
+
+
+class UnsupportedModelError(ValueError):
+    """The slab cache cannot serve this architecture (raised at load, never mid-request)."""
+
+
+@dataclass
+class _Batch:
+    """What one forward needs, computed once and shared by every layer."""
+    slots: torch.Tensor          # [batch] slab slot of each row
+    rows: slice | None           # the rows as a slab slice when their slots are consecutive
+    write_slot: torch.Tensor     # [batch, k] slot each new token is written to (scratch: padding)
+    write_pos: torch.Tensor      # [batch, k] its position in the slot
+    positions: torch.Tensor      # [batch, k] position of each query (padding: the row's last)
+    width: int                   # keys attended: slab columns [0, width)
+    masks: dict                  # sliding window (None: full) -> [batch, 1, k, width] bool
+
+
+class SlabKVCache:
+    def __init__(self, model, *, slots: int, slot_len: int):
+        self.slots, self.slot_len = slots, slot_len
+        self.device = next(model.parameters()).device
+        self._batch: _Batch | None = None
+        self._binding, layers = _attach(model)
+        self._binding.probe = seen = {}
+        try:
+            with torch.inference_mode():
+                model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.device),
+                      use_cache=False)
+        finally:
+            self._binding.probe = None
+        if sorted(seen) != layers:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} ({model.config.model_type}): its attention layers "
+                f"{layers} did not all go through the attention interface (saw {sorted(seen)}); "
+                "the slab KV cache cannot serve it")
+        self.keys, self.values = {}, {}
+        for layer, (heads, dim, dtype) in seen.items():  # [slots + 1, kv_heads, slot_len, dim]
+            shape = (slots + 1, heads, slot_len, dim)
+            self.keys[layer] = torch.zeros(shape, dtype=dtype, device=self.device)
+            self.values[layer] = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+    # -- one forward -------------------------------------------------------------------------
+    def begin(self, slots: list[int], past: list[int], new: list[int]) -> torch.Tensor:
+        """Prepare a forward: row b owns `slots[b]`, holds `past[b]` tokens and feeds `new[b]`.
+        Returns the position ids. # [batch, k]"""
+        dev = self.device
+        k = max(new)
+        slot_t = torch.tensor(slots, device=dev)  # [batch]
+        past_t = torch.tensor(past, device=dev)[:, None]  # [batch, 1]
+        new_t = torch.tensor(new, device=dev)[:, None]  # [batch, 1]
+        col = torch.arange(k, device=dev)[None]  # [1, k]
+        real = col < new_t  # [batch, k]
+        positions = past_t + torch.minimum(col, new_t - 1)  # [batch, k]
+        write_slot = torch.where(real, slot_t[:, None], self.slots)
+        write_pos = torch.where(real, past_t + col, col)
+        width = max(p + n for p, n in zip(past, new))
+        lo = min(slots)
+        rows = slice(lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
+        key_pos = torch.arange(width, device=dev)[None, None]  # [1, 1, width]
+        causal = key_pos <= positions[:, :, None]  # [batch, k, width]
+        self._batch = _Batch(slot_t, rows, write_slot, write_pos, positions, width,
+                             {None: causal[:, None]})
+        self._binding.active = self
+        return positions
+
+    def end(self) -> None:
+        self._batch = self._binding.active = None
+
+    def _mask(self, window: int | None) -> torch.Tensor:
+        batch = self._batch
+        if window not in batch.masks:
+            key_pos = torch.arange(batch.width, device=self.device)[None, None]  # [1, 1, width]
+            recent = key_pos > batch.positions[:, :, None] - window  # [batch, k, width]
+            batch.masks[window] = batch.masks[None] & recent[:, None]
+        return batch.masks[window]
+
+    def attend(self, layer: int, query, key, value, scaling, window, softcap) -> torch.Tensor:
+        """Write this layer's new K/V into the slab, attend over the batch's slots.
+        query [batch, heads, k, dim], key/value [batch, kv_heads, k, dim] → [batch, k, heads, dim]"""
+        batch = self._batch
+        keys, values = self.keys[layer], self.values[layer]
+        # [batch, k, kv_heads, dim] into the slab at (slot, position)
+        keys[batch.write_slot, :, batch.write_pos] = key.transpose(1, 2).to(keys.dtype)
+        values[batch.write_slot, :, batch.write_pos] = value.transpose(1, 2).to(values.dtype)
+        if batch.rows is not None:  # consecutive slots: a view, no copy
+            k_all = keys[batch.rows, :, : batch.width]
+            v_all = values[batch.rows, :, : batch.width]
+        else:  # scattered slots: gather only the attended columns
+            k_all = keys[:, :, : batch.width].index_select(0, batch.slots)
+            v_all = values[:, :, : batch.width].index_select(0, batch.slots)
+        mask = self._mask(window) if window else batch.masks[None]  # [batch, 1, k, width]
+        if softcap is None:
+            out = F.scaled_dot_product_attention(query, k_all, v_all, attn_mask=mask,
+                                                 scale=scaling, enable_gqa=True)
+        else:
+            out = _softcapped_attention(query, k_all, v_all, mask, scaling, softcap)
+        return out.transpose(1, 2)  # [batch, k, heads, dim]
+
+
+def _softcapped_attention(query, keys, values, mask, scaling, softcap):
+    """Gemma-2's eager attention (tanh-capped scores, fp32 softmax) with grouped heads."""
+    b, heads, k, dim = query.shape
+    kv_heads = keys.shape[1]
+    q = query.view(b, kv_heads, heads // kv_heads, k, dim)  # [batch, kv_heads, group, k, dim]
+    scores = q @ keys[:, :, None].transpose(-1, -2) * scaling  # [batch, kv_heads, group, k, width]
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
+    return (probs @ values[:, :, None]).view(b, heads, k, dim)
+
+
+def _attach(model) -> tuple[_Binding, list[int]]:
+    """Give every attention layer the model's binding; it and the sorted layer indices."""
+    config = model.config
+    if config.is_encoder_decoder:
+        raise UnsupportedModelError(f"{config.model_type}: encoder-decoder models are not served")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({config.model_type}) does not route attention through "
+            "transformers' AttentionInterface; the slab KV cache cannot serve it")
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        raise UnsupportedModelError(f"{config.model_type} has layers of kinds {sorted(kinds)}; "
+                                    "only full and sliding-window attention are served")
+    binding = getattr(model, _MODULE_ATTR, None) or _Binding()
+    setattr(model, _MODULE_ATTR, binding)
+    layers = []
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and hasattr(module, "layer_idx"):
+            setattr(module, _MODULE_ATTR, binding)
+            layers.append(module.layer_idx)
+    if not layers:
+        raise UnsupportedModelError(f"{config.model_type}: no attention layers found")
+    model.set_attn_implementation(ATTN_NAME)
+    return binding, sorted(layers)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+               sliding_window=None, softcap=None, **kwargs):
+    binding: _Binding | None = getattr(module, _MODULE_ATTR, None)
+    if binding is not None and binding.active is not None:
+        return binding.active.attend(module.layer_idx, query, key, value, scaling,
+                                     sliding_window, softcap), None
+    if binding is not None and binding.probe is not None:  # the load-time probe: record shapes
+        binding.probe[module.layer_idx] = (key.shape[1], key.shape[3], key.dtype)
+        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, is_causal=True,
+                                             enable_gqa=True)
+        return out.transpose(1, 2), None
+    # Outside the runner (e.g. model.generate on the same object): plain SDPA, as stock.
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(ATTN_NAME, _attention)
