@@ -149,8 +149,8 @@ def _softcapped_attention(query, keys, values, mask, scaling, softcap):
     return (probs @ values[:, :, None]).view(b, heads, k, dim)
 
 
-def _attach(model) -> tuple[_Binding, list[int]]:
-    """Give every attention layer the model's binding; it and the sorted layer indices."""
+def check_supported(model) -> None:
+    """Raise UnsupportedModelError, naming the architecture, unless the slab can serve `model`."""
     config = model.config
     if config.is_encoder_decoder:
         raise UnsupportedModelError(f"{config.model_type}: encoder-decoder models are not served")
@@ -158,10 +158,19 @@ def _attach(model) -> tuple[_Binding, list[int]]:
         raise UnsupportedModelError(
             f"{type(model).__name__} ({config.model_type}) does not route attention through "
             "transformers' AttentionInterface; the slab KV cache cannot serve it")
+    if getattr(config, "max_position_embeddings", None) is None:
+        raise UnsupportedModelError(f"{type(model).__name__} ({config.model_type}) states no "
+                                    "context length; the slab KV cache cannot serve it")
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if not kinds <= {"full_attention", "sliding_attention"}:
         raise UnsupportedModelError(f"{config.model_type} has layers of kinds {sorted(kinds)}; "
                                     "only full and sliding-window attention are served")
+
+
+def _attach(model) -> tuple[_Binding, list[int]]:
+    """Give every attention layer the model's binding; it and the sorted layer indices."""
+    check_supported(model)
+    config = model.config
     binding = getattr(model, _MODULE_ATTR, None) or _Binding()
     setattr(model, _MODULE_ATTR, binding)
     layers = []

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from speccascade.models.kvcache import SlabKVCache
+from speccascade.models.kvcache import SlabKVCache, check_supported
 
 
 class CapacityError(RuntimeError):
@@ -56,6 +56,7 @@ class ModelRunner:
 
     def __init__(self, model, *, max_live_seqs: int = 64, max_seq_len: int | None = None,
                  idle_evict_s: float = 600.0, kv_cache_tokens: int | None = None):
+        check_supported(model)
         self.model = model
         self.device = next(model.parameters()).device
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings,

@@ -1,0 +1,142 @@
+"""The slab KV cache on tiny random checkpoints of every common architecture (float64).
+
+Windows are smaller than the contexts generated, so sliding-window layers roll back past their
+window on every rejection. References are fresh copies of the checkpoints on transformers' own
+eager attention and cache: HF `generate` and full forwards without any cache.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tokenizer
+
+from speccascade.engine.engine import Engine
+from speccascade.engine.loop import Mode
+from speccascade.models.kvcache import UnsupportedModelError
+from speccascade.models.loader import load_model
+from speccascade.models.runner import ModelRunner
+
+WINDOW = 6
+PROMPTS = ["def f1(x):\n    return", "x = 3 *", "def f12(x):\n    return x * 12"]
+NEW_TOKENS = 32
+
+
+def _config(arch: str, vocab: int, tok, layers: int):
+    import transformers as tf
+
+    ids = dict(vocab_size=vocab, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+               bos_token_id=tok.bos_token_id)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **ids)
+    if arch == "llama":
+        return tf.LlamaConfig(**common), tf.LlamaForCausalLM
+    if arch == "qwen2":  # hybrid: full first layer, sliding-window layers after it
+        return (tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW,
+                               max_window_layers=1), tf.Qwen2ForCausalLM)
+    if arch == "mistral":
+        return tf.MistralConfig(**common, sliding_window=WINDOW), tf.MistralForCausalLM
+    if arch == "phi3":
+        return tf.Phi3Config(**common), tf.Phi3ForCausalLM
+    if arch == "gpt2":
+        return (tf.GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=128, **ids),
+                tf.GPT2LMHeadModel)
+    if arch == "gemma2":  # alternating sliding/full layers, softcapped attention and logits
+        return (tf.Gemma2Config(**common, head_dim=8, sliding_window=WINDOW,
+                                query_pre_attn_scalar=8, attn_logit_softcapping=5.0,
+                                final_logit_softcapping=30.0), tf.Gemma2ForCausalLM)
+    if arch == "gemma3":
+        return (tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=WINDOW,
+                                    query_pre_attn_scalar=8, sliding_window_pattern=2),
+                tf.Gemma3ForCausalLM)
+    raise ValueError(arch)
+
+
+def _save(path, arch, tok, *, seed, layers):
+    config, cls = _config(arch, len(tok), tok, layers)
+    torch.manual_seed(seed)
+    model = cls(config)
+    with torch.no_grad():  # peaked logits: greedy never hinges on a near-tie
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.3)
+    model.to(torch.float64).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+ARCHS = ["llama", "qwen2", "mistral", "gpt2", "phi3", "gemma2", "gemma3"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_pair(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    tok = make_tokenizer()
+    return (_save(root / "target", request.param, tok, seed=1, layers=3),
+            _save(root / "draft", request.param, tok, seed=2, layers=2))
+
+
+def _reference(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64,
+                                                attn_implementation="eager").eval()
+
+
+def test_greedy_speculative_equals_target_equals_hf_generate(arch_pair):
+    engine = Engine.from_paths(*arch_pair, dtype="float64")
+    reference = _reference(arch_pair[0])
+    eos = engine.tokenizer.eos_token_id
+    results = {}
+    for mode, fields in [(Mode.TARGET, {}), (Mode.SPECULATIVE, {"num_draft_tokens": 4}),
+                         (Mode.SPECULATIVE, {"num_draft_tokens": 3, "pipelined": False})]:
+        requests = [engine.request(p, request_id=f"{mode.name}-{i}", mode=mode,
+                                   max_new_tokens=NEW_TOKENS, **fields)
+                    for i, p in enumerate(PROMPTS)]
+        results[mode, len(fields)] = engine.generate(requests)
+    target = results[Mode.TARGET, 0]
+    rejected = sum(r.stats.drafted - r.stats.accepted for r in results[Mode.SPECULATIVE, 1])
+    assert rejected > 0  # rollbacks happened
+    for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([engine.encode(prompt)])
+        out = reference.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS,
+                                 eos_token_id=eos, pad_token_id=eos)[0, ids.shape[1]:].tolist()
+        expected = out[: out.index(eos)] if eos in out else out
+        assert target[i].token_ids == expected
+        for key in [(Mode.SPECULATIVE, 1), (Mode.SPECULATIVE, 2)]:
+            assert results[key][i].token_ids == expected
+    assert len(target[0].token_ids) > 2 * WINDOW  # the windows were passed
+
+
+def test_batched_equals_one_at_a_time_with_rollbacks(arch_pair):
+    model = load_model(arch_pair[0], dtype="float64")
+    reference = _reference(arch_pair[0])
+    runner = ModelRunner(model, max_live_seqs=4)
+    gen = torch.Generator().manual_seed(0)
+    seqs = {f"s{i}": torch.randint(0, 300, (3 + 7 * i,), generator=gen).tolist() for i in range(4)}
+
+    def check(wanted):
+        got = runner.forward([(k, seqs[k], n) for k, n in wanted.items()])
+        for (seq_id, n), logits in zip(wanted.items(), got):
+            with torch.no_grad():
+                full = reference(torch.tensor([seqs[seq_id]])).logits[0, -n:].float()
+            torch.testing.assert_close(logits, full, rtol=1e-6, atol=1e-5)  # fp64, rounded to fp32
+
+    check({k: 2 for k in seqs})
+    for step in range(4):  # speculative-like rounds: extend by γ+1, roll back past the window
+        for i, seq_id in enumerate(seqs):
+            if (i + step) % 2:
+                seqs[seq_id] = seqs[seq_id][: -min(3 + i, len(seqs[seq_id]) - 1)]
+            seqs[seq_id] += torch.randint(0, 300, (1 + (i + step) % 5,), generator=gen).tolist()
+        check({k: 1 + (j + step) % 3 for j, k in enumerate(seqs) if j != step})
+    assert max(len(s) for s in seqs.values()) > 2 * WINDOW
+
+
+def test_unsupported_architecture_fails_at_load_naming_it(tmp_path):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    tok = make_tokenizer()
+    MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                 state_size=4)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="mamba"):
+        ModelRunner(load_model(tmp_path, dtype="float32"))
