@@ -56,6 +56,7 @@ class SlabKVCache:
         self.slots, self.slot_len = slots, slot_len
         self.device = next(model.parameters()).device
         self._batch: _Batch | None = None
+        self._columns = torch.arange(slot_len, device=self.device)
         self._binding, layers = _attach(model)
         self._binding.probe = seen = {}
         try:
@@ -85,21 +86,20 @@ class SlabKVCache:
         Returns the position ids. # [batch, k]"""
         dev = self.device
         k = max(new)
-        slot_t = torch.tensor(slots, device=dev)  # [batch]
-        past_t = torch.tensor(past, device=dev)[:, None]  # [batch, 1]
-        new_t = torch.tensor(new, device=dev)[:, None]  # [batch, 1]
-        col = torch.arange(k, device=dev)[None]  # [1, k]
+        meta = torch.tensor([slots, past, new], device=dev)[:, :, None]  # [3, batch, 1]
+        slot_t, past_t, new_t = meta[0], meta[1], meta[2]
+        col = self._columns[None, :k]  # [1, k]
         real = col < new_t  # [batch, k]
         positions = past_t + torch.minimum(col, new_t - 1)  # [batch, k]
-        write_slot = torch.where(real, slot_t[:, None], self.slots)
+        write_slot = torch.where(real, slot_t, self.slots)
         write_pos = torch.where(real, past_t + col, col)
         width = max(p + n for p, n in zip(past, new))
         lo = min(slots)
         rows = slice(lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
-        key_pos = torch.arange(width, device=dev)[None, None]  # [1, 1, width]
-        causal = key_pos <= positions[:, :, None]  # [batch, k, width]
-        self._batch = _Batch(slot_t, rows, write_slot, write_pos, positions, width,
-                             {None: causal[:, None]})
+        # [batch, 1, k, width]: key j is visible to the query at position t when j <= t
+        causal = self._columns[None, None, None, :width] <= positions[:, None, :, None]
+        self._batch = _Batch(slot_t[:, 0], rows, write_slot, write_pos, positions, width,
+                             {None: causal})
         self._binding.active = self
         return positions
 
@@ -109,9 +109,9 @@ class SlabKVCache:
     def _mask(self, window: int | None) -> torch.Tensor:
         batch = self._batch
         if window not in batch.masks:
-            key_pos = torch.arange(batch.width, device=self.device)[None, None]  # [1, 1, width]
-            recent = key_pos > batch.positions[:, :, None] - window  # [batch, k, width]
-            batch.masks[window] = batch.masks[None] & recent[:, None]
+            key_pos = self._columns[None, None, None, : batch.width]
+            recent = key_pos > batch.positions[:, None, :, None] - window  # [batch, 1, k, width]
+            batch.masks[window] = batch.masks[None] & recent
         return batch.masks[window]
 
     def attend(self, layer: int, query, key, value, scaling, window, softcap) -> torch.Tensor:

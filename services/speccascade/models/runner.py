@@ -163,11 +163,12 @@ class ModelRunner:
             self.cache.end()
         for entry, new in zip(entries, new_tokens):
             entry.tokens.extend(new)
-        # out.logits column j is new-token column first + j; left-align each row's wanted ones.
-        start = torch.tensor([n_new - n - first for n_new, n in zip(lengths, wanted)],
-                             device=self.device)  # [batch]
+        logits = out.logits  # [batch, k - first, vocab]; column j is new-token column first + j
+        if all(n_new == k for n_new in lengths) and all(n == wanted[0] for n in wanted):
+            return logits.float()  # the usual round: every row wants all the columns kept
+        # Left-align each row's wanted columns; pad with copies of its last one.
+        bounds = torch.tensor([(n_new - n - first, n_new - first - 1)
+                               for n_new, n in zip(lengths, wanted)], device=self.device)
         span = torch.arange(max(wanted), device=self.device)  # [m]
-        stop = torch.tensor(lengths, device=self.device) - first - 1  # [batch]: last real column
-        index = torch.minimum(start[:, None] + span, stop[:, None])  # [batch, m]
-        logits = out.logits  # [batch, k - first, vocab]
+        index = torch.minimum(bounds[:, :1] + span, bounds[:, 1:])  # [batch, m]
         return logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1])).float()
