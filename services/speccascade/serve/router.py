@@ -122,10 +122,11 @@ class Router:
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
         limits = self.limits
         serving, detail = True, "serving"
+        draft = target = {}
         try:
             self._check_peer(grpc_context)
-            await asyncio.wait_for(asyncio.gather(self._call(self._drafter, "stats"),
-                                                  self._call(self._verifier, "stats")), 10)
+            draft, target = await asyncio.wait_for(asyncio.gather(
+                self._call(self._drafter, "stats"), self._call(self._verifier, "stats")), 10)
         except errors.PeerNotAllowedError as exc:
             errors.set_status(grpc_context, exc)
             return pb.HealthResponse()
@@ -135,7 +136,8 @@ class Router:
             serving=serving, detail=detail, vocab_size=limits.vocab_size,
             max_seq_len=limits.max_seq_len, max_new_tokens=limits.max_new_tokens,
             default_num_draft_tokens=limits.default_num_draft_tokens,
-            max_num_draft_tokens=limits.max_num_draft_tokens)
+            max_num_draft_tokens=limits.max_num_draft_tokens,
+            target_dtype=target.get("dtype", ""), draft_dtype=draft.get("dtype", ""))
 
     async def Stats(self, request: pb.StatsRequest, grpc_context) -> pb.StatsResponse:
         try:
@@ -147,7 +149,10 @@ class Router:
             return pb.StatsResponse()
         replicas = [pb.ReplicaStats(role=s["role"], replica=s["replica"],
                                     live_sequences=s["live_sequences"], batches=s["batches"],
-                                    batched_calls=s["batched_calls"], pid=s["pid"])
+                                    batched_calls=s["batched_calls"], pid=s["pid"],
+                                    kv_tokens_used=s["kv_tokens_used"],
+                                    kv_tokens_total=s["kv_tokens_total"], dtype=s["dtype"],
+                                    dtype_choice=s["dtype_choice"])
                     for side in found for s in sorted(side, key=lambda s: s["replica"])]
         return pb.StatsResponse(replicas=replicas, router_inflight=self._inflight,
                                 router_replica=serve_replica_name("router"),
