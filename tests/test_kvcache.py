@@ -3,8 +3,12 @@
 Windows are smaller than the contexts generated, so sliding-window layers roll back past their
 window on every rejection. References are fresh copies of the checkpoints on transformers' own
 eager attention and cache: HF `generate` and full forwards without any cache.
+
+SPECCASCADE_TEST_DEVICE=cuda runs the same checks on a GPU (`make gpu-check` does).
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -14,8 +18,9 @@ from speccascade.engine.engine import Engine
 from speccascade.engine.loop import Mode
 from speccascade.models.kvcache import UnsupportedModelError
 from speccascade.models.loader import load_model
-from speccascade.models.runner import ModelRunner
+from speccascade.models.runner import CapacityError, ModelRunner
 
+DEVICE = os.environ.get("SPECCASCADE_TEST_DEVICE", "cpu")
 WINDOW = 6
 PROMPTS = ["def f1(x):\n    return", "x = 3 *", "def f12(x):\n    return x * 12"]
 NEW_TOKENS = 32
@@ -79,11 +84,11 @@ def _reference(path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64,
-                                                attn_implementation="eager").eval()
+                                                attn_implementation="eager").to(DEVICE).eval()
 
 
 def test_greedy_speculative_equals_target_equals_hf_generate(arch_pair):
-    engine = Engine.from_paths(*arch_pair, dtype="float64")
+    engine = Engine.from_paths(*arch_pair, dtype="float64", device=DEVICE)
     reference = _reference(arch_pair[0])
     eos = engine.tokenizer.eos_token_id
     results = {}
@@ -97,7 +102,7 @@ def test_greedy_speculative_equals_target_equals_hf_generate(arch_pair):
     rejected = sum(r.stats.drafted - r.stats.accepted for r in results[Mode.SPECULATIVE, 1])
     assert rejected > 0  # rollbacks happened
     for i, prompt in enumerate(PROMPTS):
-        ids = torch.tensor([engine.encode(prompt)])
+        ids = torch.tensor([engine.encode(prompt)], device=DEVICE)
         out = reference.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS,
                                  eos_token_id=eos, pad_token_id=eos)[0, ids.shape[1]:].tolist()
         expected = out[: out.index(eos)] if eos in out else out
@@ -108,7 +113,7 @@ def test_greedy_speculative_equals_target_equals_hf_generate(arch_pair):
 
 
 def test_batched_equals_one_at_a_time_with_rollbacks(arch_pair):
-    model = load_model(arch_pair[0], dtype="float64")
+    model = load_model(arch_pair[0], dtype="float64", device=DEVICE)
     reference = _reference(arch_pair[0])
     runner = ModelRunner(model, max_live_seqs=4)
     gen = torch.Generator().manual_seed(0)
@@ -118,7 +123,8 @@ def test_batched_equals_one_at_a_time_with_rollbacks(arch_pair):
         got = runner.forward([(k, seqs[k], n) for k, n in wanted.items()])
         for (seq_id, n), logits in zip(wanted.items(), got):
             with torch.no_grad():
-                full = reference(torch.tensor([seqs[seq_id]])).logits[0, -n:].float()
+                ids = torch.tensor([seqs[seq_id]], device=DEVICE)
+                full = reference(ids).logits[0, -n:].float()
             torch.testing.assert_close(logits, full, rtol=1e-6, atol=1e-5)  # fp64, rounded to fp32
 
     check({k: 2 for k in seqs})
@@ -140,3 +146,51 @@ def test_unsupported_architecture_fails_at_load_naming_it(tmp_path):
     tok.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="mamba"):
         ModelRunner(load_model(tmp_path, dtype="float32"))
+
+
+def test_token_budget_refuses_new_sequences_and_keeps_running_ones(tiny_pair):
+    model = load_model(tiny_pair[0], dtype="float64", device=DEVICE)
+    context = model.config.max_position_embeddings
+    runner = ModelRunner(model, max_live_seqs=64, kv_cache_tokens=2 * context + 10)
+    assert runner.kv_tokens() == (0, 2 * context)  # two slots of the whole context
+    a, b = list(range(3, 40)), list(range(50, 60))
+    runner.forward([("a", a, 1), ("b", b, 1)])
+    with pytest.raises(CapacityError, match="kv_cache_tokens"):
+        runner.forward([("a", a + [7], 1), ("c", [5, 6], 1)])
+    assert runner.kv_tokens() == (len(a) + len(b), 2 * context)  # the refused call wrote nothing
+    got = runner.forward([("a", a + [7, 8], 2), ("b", b[:-3] + [1], 1)])  # a rollback in b
+    reference = _reference(tiny_pair[0])
+    for tokens, logits in zip([a + [7, 8], b[:-3] + [1]], got):
+        with torch.no_grad():
+            ids = torch.tensor([tokens], device=DEVICE)
+            full = reference(ids).logits[0, -len(logits):].float()
+        torch.testing.assert_close(logits, full, rtol=1e-6, atol=1e-5)
+    runner.release("a")
+    runner.forward([("c", [5, 6], 1)])  # the freed slot serves a new sequence
+    assert runner.kv_tokens() == (len(b) - 2 + 2, 2 * context)
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        ModelRunner(model, kv_cache_tokens=context - 1)
+
+
+def test_dtype_auto_is_float32_without_native_bf16(tiny_pair, monkeypatch):
+    from speccascade.models import loader
+
+    monkeypatch.setattr(loader, "native_bf16", lambda device: None)
+    model = loader.load_model(tiny_pair[1], dtype="auto", device=DEVICE)
+    assert model.dtype == torch.float32 and "no native bf16" in model.dtype_choice
+
+
+def test_dtype_auto_measures_where_bf16_is_native(tiny_pair):
+    from speccascade.models import loader
+
+    if loader.native_bf16(DEVICE) is None:
+        pytest.skip(f"{DEVICE} has no native bf16")
+    model = loader.load_model(tiny_pair[1], dtype="auto", device=DEVICE)
+    assert model.dtype in (torch.bfloat16, torch.float32)
+    assert str(model.dtype).removeprefix("torch.") in model.dtype_choice
+    if DEVICE.startswith("cuda"):
+        assert model.dtype == torch.bfloat16
+    else:
+        assert "bf16" in model.dtype_choice and "fp32" in model.dtype_choice  # both were timed
+    runner = ModelRunner(model)  # the slab takes the chosen dtype
+    assert next(iter(runner.cache.keys.values())).dtype == model.dtype

@@ -95,7 +95,8 @@ class VerifyWorker(_Worker):
         ).cpu()  # [batch, γ+1, vocab]
         batch, gamma, vocab = p_logits.shape[0], p_logits.shape[1] - 1, p_logits.shape[-1]
         drafts = torch.tensor([r.draft_tokens + [0] * (gamma - len(r.draft_tokens))
-                               for r in requests], dtype=torch.long).view(batch, gamma)  # [batch, γ]
+                               for r in requests], dtype=torch.long)  # [batch, γ]
+        drafts = drafts.view(batch, gamma)  # γ = 0: a [batch, 0] tensor, not [batch]
         num_drafts = torch.tensor([len(r.draft_tokens) for r in requests])  # [batch]
         params = [r.sampling for r in requests]
         deferred = torch.zeros(batch, max(gamma, 1), dtype=torch.bool)  # [batch, γ]

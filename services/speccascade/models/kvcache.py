@@ -78,7 +78,8 @@ class SlabKVCache:
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+        slabs = (*self.keys.values(), *self.values.values())
+        return sum(t.numel() * t.element_size() for t in slabs)
 
     # -- one forward -------------------------------------------------------------------------
     def begin(self, slots: list[int], past: list[int], new: list[int]) -> torch.Tensor:
@@ -116,7 +117,8 @@ class SlabKVCache:
 
     def attend(self, layer: int, query, key, value, scaling, window, softcap) -> torch.Tensor:
         """Write this layer's new K/V into the slab, attend over the batch's slots.
-        query [batch, heads, k, dim], key/value [batch, kv_heads, k, dim] → [batch, k, heads, dim]"""
+        query [batch, heads, k, dim], key/value [batch, kv_heads, k, dim]
+        → [batch, k, heads, dim]"""
         batch = self._batch
         keys, values = self.keys[layer], self.values[layer]
         # [batch, k, kv_heads, dim] into the slab at (slot, position)

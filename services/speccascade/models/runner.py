@@ -68,7 +68,7 @@ class ModelRunner:
                              f"context ({self.max_seq_len} tokens)")
         self._budget_note = (f"max_live_seqs={max_live_seqs}, kv_cache_tokens={budget}, "
                              f"{self.max_seq_len} tokens per slot")
-        self.idle_evict_s = idle_evict_s  # entries of callers that vanished are reclaimed after this
+        self.idle_evict_s = idle_evict_s  # entries of vanished callers are reclaimed after this
         self.pad_id = model.config.pad_token_id or 0
         self.cache = SlabKVCache(model, slots=self.max_live_seqs, slot_len=self.max_seq_len)
         self._free = list(range(self.max_live_seqs - 1, -1, -1))  # a stack: lowest slot on top
