@@ -194,3 +194,20 @@ def test_dtype_auto_measures_where_bf16_is_native(tiny_pair):
         assert "bf16" in model.dtype_choice and "fp32" in model.dtype_choice  # both were timed
     runner = ModelRunner(model)  # the slab takes the chosen dtype
     assert next(iter(runner.cache.keys.values())).dtype == model.dtype
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_bfloat16_runner_is_close_to_float64(arch, tmp_path):
+    """Half precision takes the additive-mask path (full and sliding): close to float64."""
+    path = _save(tmp_path / arch, arch, make_tokenizer(), seed=1, layers=3)
+    runner = ModelRunner(load_model(path, dtype="bfloat16", device=DEVICE), max_live_seqs=3)
+    reference = _reference(path)
+    seqs = {f"s{i}": [(5 * i + 3 * j) % 290 + 1 for j in range(4 + 9 * i)] for i in range(3)}
+    for step in range(3):
+        got = runner.forward([(k, v, 2) for k, v in seqs.items()])
+        for tokens, logits in zip(seqs.values(), got):
+            with torch.no_grad():
+                full = reference(torch.tensor([tokens], device=DEVICE)).logits[0, -2:].float()
+            assert ((logits - full).abs().max() / full.abs().max()).item() < 0.15
+        for k in seqs:
+            seqs[k] = seqs[k][:-2] + [7, 8, 9, 10]  # roll back 2, extend 4
