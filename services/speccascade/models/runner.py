@@ -146,6 +146,19 @@ class ModelRunner:
             entries.append(entry)
             new_tokens.append(tokens[keep:])
         wanted = [n for _, _, n in items]
+        # Rows in slot order: a batch of consecutive slots then attends over a slab slice (a view)
+        # whatever order its calls arrived in. The logits come back in the callers' order.
+        order = sorted(range(len(items)), key=lambda i: entries[i].slot)
+        if order != list(range(len(items))):
+            entries, new_tokens, wanted = ([xs[i] for i in order]
+                                           for xs in (entries, new_tokens, wanted))
+            logits = self._forward_rows(entries, new_tokens, wanted)
+            inverse = torch.tensor(order, device=self.device).argsort()
+            return logits.index_select(0, inverse)
+        return self._forward_rows(entries, new_tokens, wanted)
+
+    def _forward_rows(self, entries: list[_Entry], new_tokens: list[list[int]],
+                      wanted: list[int]) -> torch.Tensor:
         lengths = [len(new) for new in new_tokens]
         k = max(lengths)
         ids = torch.tensor([new + [self.pad_id] * (k - len(new)) for new in new_tokens],
