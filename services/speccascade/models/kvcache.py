@@ -49,6 +49,7 @@ class _Batch:
     positions: torch.Tensor      # [batch, k] position of each query (padding: the row's last)
     width: int                   # keys attended: slab columns [0, width)
     masks: dict                  # window (None: full) [, dtype] -> [batch, 1, k, width]
+                                 # or None: every key visible
 
 
 class SlabKVCache:
@@ -90,15 +91,22 @@ class SlabKVCache:
         meta = torch.tensor([slots, past, new], device=dev)[:, :, None]  # [3, batch, 1]
         slot_t, past_t, new_t = meta[0], meta[1], meta[2]
         col = self._columns[None, :k]  # [1, k]
-        real = col < new_t  # [batch, k]
-        positions = past_t + torch.minimum(col, new_t - 1)  # [batch, k]
-        write_slot = torch.where(real, slot_t, self.slots)
-        write_pos = torch.where(real, past_t + col, col)
+        if min(new) == k:  # no padding columns (the usual round)
+            positions = past_t + col  # [batch, k]
+            write_slot, write_pos = slot_t.expand(-1, k), positions
+        else:
+            real = col < new_t  # [batch, k]
+            positions = past_t + torch.minimum(col, new_t - 1)  # [batch, k]
+            write_slot = torch.where(real, slot_t, self.slots)
+            write_pos = torch.where(real, past_t + col, col)
         width = max(p + n for p, n in zip(past, new))
         lo = min(slots)
         rows = slice(lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
-        # [batch, 1, k, width]: key j is visible to the query at position t when j <= t
-        causal = self._columns[None, None, None, :width] <= positions[:, None, :, None]
+        # [batch, 1, k, width]: key j is visible to the query at position t when j <= t. One
+        # row of one token sees every key: no mask at all (the single-stream decode step).
+        causal = None
+        if len(slots) > 1 or k > 1:
+            causal = self._columns[None, None, None, :width] <= positions[:, None, :, None]
         self._batch = _Batch(slot_t[:, 0], rows, write_slot, write_pos, positions, width,
                              {None: causal})
         self._binding.active = self
@@ -115,8 +123,9 @@ class SlabKVCache:
         if window not in batch.masks:
             key_pos = self._columns[None, None, None, : batch.width]
             recent = key_pos > batch.positions[:, None, :, None] - window  # [batch, 1, k, width]
-            batch.masks[window] = batch.masks[None] & recent
-        if dtype is None or dtype in (torch.float32, torch.float64):
+            full = batch.masks[None]
+            batch.masks[window] = recent if full is None else full & recent
+        if batch.masks[window] is None or dtype is None or dtype in (torch.float32, torch.float64):
             return batch.masks[window]
         if (window, dtype) not in batch.masks:
             visible = batch.masks[window]
@@ -157,7 +166,8 @@ def _softcapped_attention(query, keys, values, mask, scaling, softcap):
     q = query.view(b, kv_heads, heads // kv_heads, k, dim)  # [batch, kv_heads, group, k, dim]
     scores = q @ keys[:, :, None].transpose(-1, -2) * scaling  # [batch, kv_heads, group, k, width]
     scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
     return (probs @ values[:, :, None]).view(b, heads, k, dim)
 
