@@ -4,14 +4,16 @@ Layout (gpt-fast's static cache, one slot per sequence; REFERENCE.md §10): per 
 K and one V slab `[slots + 1, kv_heads, slot_len, head_dim]`, zero-initialised. A sequence owns a
 slot and a length; a forward writes each row's k new tokens in place at its own positions, and a
 rollback is setting the length: rejected drafts stay in the slab past the length, masked, until
-they are overwritten. Nothing is ever concatenated or copied per step. The extra last slot is a
-scratch area where the padding columns of short rows are written.
+they are overwritten. Nothing is concatenated per step, and a batch whose slots are consecutive
+(the runner orders rows by slot and reuses low slots first) attends over a view of the slab; only
+a batch of scattered slots gathers its rows' attended columns. The extra last slot is a scratch
+area where the padding columns of short rows are written.
 
 It plugs into transformers through `AttentionInterface` (model code untouched): the runner calls
 `model.set_attn_implementation(ATTN_NAME)` and, around each forward, `begin`/`end`. Every attention
 layer then hands its new K/V (after RoPE) to `attend`, which writes them into the slab and attends
-over the slab with one boolean mask per forward (one more for each sliding window size), shared by
-all layers. Every layer keeps the whole context, so sliding-window layers (Mistral, Gemma-2/3) roll
+over the slab with one mask per forward (one more for each sliding window size), shared by all
+layers: boolean, or additive in half precision, where CPU SDPA runs much faster with it. Every layer keeps the whole context, so sliding-window layers (Mistral, Gemma-2/3) roll
 back exactly like full ones. Softcapped attention (Gemma-2) takes a matmul path; everything else is
 torch SDPA with `enable_gqa=True`, so K/V are never repeated per head group.
 """
