@@ -212,3 +212,25 @@ def test_bfloat16_runner_is_close_to_float64(arch, tmp_path):
             assert ((logits - full).abs().max() / full.abs().max()).item() < 0.15
         for k in seqs:
             seqs[k] = seqs[k][:-2] + [7, 8, 9, 10]  # roll back 2, extend 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_model_outside_the_runner_is_stock(arch, tmp_path):
+    """After a runner took the model over, `generate` (plain and assisted: k tokens over a past
+    cache) and plain forwards on the same object behave as stock SDPA, as the benchmark's
+    peers use them."""
+    tok = make_tokenizer()
+    target = _save(tmp_path / "t", arch, tok, seed=1, layers=3)
+    draft = _save(tmp_path / "d", arch, tok, seed=2, layers=2)
+    model, helper = (load_model(p, dtype="float64", device=DEVICE) for p in (target, draft))
+    ModelRunner(model).forward([("a", list(range(3, 30)), 1)])
+    ModelRunner(helper)
+    reference = _reference(target)
+    ids = torch.tensor([list(range(5, 25))], device=DEVICE)
+    expected = reference.generate(ids, do_sample=False, max_new_tokens=24)
+    assert model.generate(ids, do_sample=False, max_new_tokens=24).tolist() == expected.tolist()
+    assisted = model.generate(ids, do_sample=False, max_new_tokens=24, assistant_model=helper)
+    assert assisted.tolist() == expected.tolist()
+    with torch.no_grad():
+        # (the eager reference takes its softmax in float32)
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-4)

@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_NAME = "speccascade_slab"
 _MODULE_ATTR = "_speccascade_kv"
@@ -60,6 +61,9 @@ class SlabKVCache:
         self.device = next(model.parameters()).device
         self._batch: _Batch | None = None
         self._columns = torch.arange(slot_len, device=self.device)
+        # Handed to the model as its attention mask: a 4-D mask makes transformers skip building
+        # its own (attend ignores it and uses the batch's masks).
+        self.model_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._binding, layers = _attach(model)
         self._binding.probe = seen = {}
         try:
@@ -220,9 +224,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         out = F.scaled_dot_product_attention(query, key, value, scale=scaling, is_causal=True,
                                              enable_gqa=True)
         return out.transpose(1, 2), None
-    # Outside the runner (e.g. model.generate on the same object): plain SDPA, as stock.
+    # Outside the runner (model.generate or a plain forward on the same object, as the benchmark's
+    # peers run): stock SDPA with stock masks, which the mask registration below builds.
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                  scaling=scaling, **kwargs)
+                                  scaling=scaling, sliding_window=sliding_window, softcap=softcap,
+                                  **kwargs)
 
 
 AttentionInterface.register(ATTN_NAME, _attention)
+AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)

@@ -171,7 +171,7 @@ class ModelRunner:
         first = min(n_new - n for n_new, n in zip(lengths, wanted))
         try:
             out = self.model(input_ids=ids, position_ids=positions, use_cache=False,
-                             logits_to_keep=k - first)
+                             attention_mask=self.cache.model_mask, logits_to_keep=k - first)
         finally:
             self.cache.end()
         for entry, new in zip(entries, new_tokens):
