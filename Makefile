@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install run demo test test-fast proto bench bench-quick frontier frontier-quick models models-eval clean
+.PHONY: install run demo test test-fast proto bench bench-quick frontier frontier-quick gpu-check models models-eval clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,16 @@ frontier: install   ## cascade quality–latency frontier: benchmarks/frontier.*
 
 frontier-quick: install
 	$(BIN)/speccascade bench frontier --quick
+
+# The slab KV cache on a device: the architecture/runner tests there (float64, exact), then
+# benchmarks/gpu_check.py in DTYPE on the tiny and default pairs (runner, engine, service) and a
+# timing table in benchmarks/gpu_check-DEVICE.md. At most 8 minutes. DEVICE=cpu is the dry run.
+DEVICE ?= cuda
+DTYPE  ?= bfloat16
+gpu-check: install  ## runner + service checks with device $(DEVICE), $(DTYPE); writes a timing table
+	timeout 480 sh -c 'SPECCASCADE_TEST_DEVICE=$(DEVICE) $(BIN)/python -m pytest -q tests/test_kvcache.py && \
+	  PYTHONPATH=services $(BIN)/python benchmarks/gpu_check.py --device $(DEVICE) --dtype $(DTYPE) \
+	    --out benchmarks/gpu_check-$(DEVICE).md'
 
 models: install     ## rebuild the embedded default pair (about an hour on 2 cores)
 	$(BIN)/speccascade models build

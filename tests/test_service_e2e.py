@@ -40,6 +40,7 @@ def test_health(service):
     health = service.health()
     assert health.serving, health.detail
     assert health.vocab_size > 0 and health.max_seq_len == 256
+    assert health.target_dtype == health.draft_dtype == "float64"  # as configured
 
 
 def test_greedy_speculative_and_cascade_equal_target(service, references):
@@ -115,6 +116,8 @@ def test_kv_affinity_one_replica_of_each(service):
     stats = service.stats()
     assert sorted(r.role for r in stats.replicas) == ["drafter"] * 2 + ["verifier"] * 2
     assert all(r.live_sequences == 0 for r in stats.replicas), stats
+    # ...and their KV tokens: the preallocated slabs are back at zero use
+    assert all(r.kv_tokens_used == 0 < r.kv_tokens_total for r in stats.replicas), stats
 
 
 def test_invalid_requests_answer_invalid_argument(service):

@@ -179,7 +179,7 @@ def write(results: dict, out_dir: Path, markdown: Path) -> None:
                                                        "SPECULATIVE pipelined")}
     sampled_cpu = {name: c for name, c in svc["sampled"].items()
                    if not name.endswith("SD end") or name.startswith("CASCADE DIFF")}
-    gpu = out_dir / "gpu.md"
+    gpu = out_dir / "gpu_check-cuda.md"  # written by `make gpu-check` on a lent GPU
     lines = [
         "# Benchmarks", "",
         f"Produced by `{COMMAND}` on {results['started']} ({os.cpu_count()} CPU cores, one torch "

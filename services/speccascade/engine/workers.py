@@ -26,9 +26,9 @@ class _Worker:
     """A model runner and the name of the replica it lives in."""
 
     def __init__(self, model, *, max_live_seqs: int = 64, max_seq_len: int | None = None,
-                 idle_evict_s: float = 600.0):
+                 idle_evict_s: float = 600.0, kv_cache_tokens: int | None = None):
         self.runner = ModelRunner(model, max_live_seqs=max_live_seqs, max_seq_len=max_seq_len,
-                                  idle_evict_s=idle_evict_s)
+                                  idle_evict_s=idle_evict_s, kv_cache_tokens=kv_cache_tokens)
         self.replica_name = _replica_name()
 
     def live_sequences(self) -> int:
@@ -48,8 +48,8 @@ class DraftWorker(_Worker):
         active = list(requests)
         step = 0
         while active:
-            logits = torch.stack(self.runner.forward(
-                [(r.seq_id, sequences[r.seq_id], 1) for r in active]))  # [batch, 1, vocab]
+            logits = self.runner.forward_batch(
+                [(r.seq_id, sequences[r.seq_id], 1) for r in active])  # [batch, 1, vocab]
             wanted = [r.want_logits for r in active]
             if any(wanted):  # greedy speculative batches ship no logits
                 shipped = torch.tensor(wanted)[:, None, None]  # [batch, 1, 1]
@@ -89,17 +89,15 @@ class DraftWorker(_Worker):
 class VerifyWorker(_Worker):
     def verify_batch(self, requests: list[VerifyRequest]) -> list[VerifyResult]:
         started = time.perf_counter()
-        target_logits = self.runner.forward(
-            [(r.seq_id, r.tokens + r.draft_tokens, len(r.draft_tokens) + 1) for r in requests])
-        gamma = max(len(r.draft_tokens) for r in requests)
-        batch, vocab = len(requests), target_logits[0].shape[-1]
-        p_logits = torch.zeros(batch, gamma + 1, vocab)  # [batch, γ+1, vocab]
-        drafts = torch.zeros(batch, gamma, dtype=torch.long)  # [batch, γ]
+        # Row b's logits fill [b, :γ_b + 1]; columns past them are padding.
+        p_logits = self.runner.forward_batch(
+            [(r.seq_id, r.tokens + r.draft_tokens, len(r.draft_tokens) + 1) for r in requests]
+        ).cpu()  # [batch, γ+1, vocab]
+        batch, gamma, vocab = p_logits.shape[0], p_logits.shape[1] - 1, p_logits.shape[-1]
+        drafts = torch.tensor([r.draft_tokens + [0] * (gamma - len(r.draft_tokens))
+                               for r in requests], dtype=torch.long)  # [batch, γ]
+        drafts = drafts.view(batch, gamma)  # γ = 0: a [batch, 0] tensor, not [batch]
         num_drafts = torch.tensor([len(r.draft_tokens) for r in requests])  # [batch]
-        for row, (request, logits) in enumerate(zip(requests, target_logits)):
-            p_logits[row, : len(logits)] = logits
-            drafts[row, : len(request.draft_tokens)] = torch.tensor(request.draft_tokens,
-                                                                    dtype=torch.long)
         params = [r.sampling for r in requests]
         deferred = torch.zeros(batch, max(gamma, 1), dtype=torch.bool)  # [batch, γ]
         if all(r.sampling.greedy and r.cascade is None for r in requests):

@@ -1,9 +1,15 @@
 """Load Hugging Face causal-LM checkpoints from local paths only (never a download)."""
 from __future__ import annotations
 
+import copy
+import logging
+import statistics
+import time
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -27,14 +33,59 @@ def _local_dir(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+def native_bf16(device: str) -> str | None:
+    """Why `device` computes bf16 natively ("cuda", or the CPU flags that say so), else None.
+    Without it bf16 is emulated: 8x slower than fp32 on such a CPU (REFERENCE.md §8)."""
+    if device.startswith("cuda"):
+        return "cuda" if torch.cuda.is_bf16_supported() else None
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+    found = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    return "cpu " + "+".join(found) if found else None
+
+
+def _forward_ms(model, batch: int = 4, tokens: int = 8, repeats: int = 5) -> float:
+    ids = torch.zeros(batch, tokens, dtype=torch.long, device=next(model.parameters()).device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 2):  # two warm-up forwards
+            started = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            if ids.is_cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times[2:])
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
+    """A model in eval mode on `device`. dtype "auto": bfloat16 where the device computes it
+    natively and, on a CPU, only if a quick forward measured faster than float32 (a tiny draft may
+    not gain); float32 elsewhere. The choice is logged and kept in `model.dtype_choice`."""
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in (*DTYPES, "auto"):
+        raise ValueError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {dtype!r}")
+    load = "float32" if dtype == "auto" else dtype
     model = AutoModelForCausalLM.from_pretrained(_local_dir(path), local_files_only=True,
-                                                 dtype=DTYPES[dtype])
-    return model.to(device).eval()
+                                                 dtype=DTYPES[load]).to(device).eval()
+    model.dtype_choice = dtype
+    if dtype == "auto":
+        native = native_bf16(device)
+        if native is None:
+            model.dtype_choice = "float32 (auto: no native bf16)"
+        elif native == "cuda":
+            model = model.to(torch.bfloat16)
+            model.dtype_choice = "bfloat16 (auto: cuda)"
+        else:
+            bf16 = copy.deepcopy(model).to(torch.bfloat16)
+            fp32_ms, bf16_ms = _forward_ms(model), _forward_ms(bf16)
+            model = bf16 if bf16_ms < fp32_ms else model
+            model.dtype_choice = (f"{'bfloat16' if bf16_ms < fp32_ms else 'float32'} (auto: "
+                                  f"{native}; bf16 {bf16_ms:.2f} ms vs fp32 {fp32_ms:.2f} ms)")
+        log.warning("%s: dtype %s", path, model.dtype_choice)
+    return model
 
 
 def load_tokenizer(path: str | Path):
@@ -61,7 +112,7 @@ def check_pair(target_path: str | Path, draft_path: str | Path) -> None:
                                     f"{d_vocab}; the pair must share one vocabulary size")
 
 
-def load_pair(target_path, draft_path, dtype: str = "float32", device: str = "cpu"):
+def load_pair(target_path, draft_path, dtype: str = "auto", device: str = "cpu"):
     """(target_model, draft_model, tokenizer), after checking that they are compatible."""
     check_pair(target_path, draft_path)
     return (load_model(target_path, dtype, device), load_model(draft_path, dtype, device),

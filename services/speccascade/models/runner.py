@@ -1,15 +1,15 @@
-"""ModelRunner: one causal LM and the KV caches of many sequences.
+"""ModelRunner: one causal LM and the KV caches of many sequences, in one preallocated slab.
 
-Each live sequence keeps its own transformers `DynamicCache` holding exactly the tokens in
+Each live sequence owns a slot of a `SlabKVCache` (models.kvcache) holding exactly the tokens in
 `_Entry.tokens`. A call names, per sequence, the whole token sequence it wants continued and how
 many trailing positions it wants logits for; the runner reconciles the cache with that sequence
-(longest common prefix → crop, no recomputation), feeds only the missing tokens, and returns the
-logits. Rejected drafts, pipelined speculation and a fail-over to a fresh replica are therefore all
-the same operation.
+(longest common prefix → set the length, no recomputation), feeds only the missing tokens, and
+returns the logits. Rejected drafts, pipelined speculation and a fail-over to a fresh replica are
+therefore all the same operation.
 
-Several sequences share one forward: their caches are left-padded to a common length and stacked
-into a temporary batched cache; padding is masked out, and position ids are per sequence, so the
-result equals one-at-a-time forwards (tested). Afterwards each sequence keeps a view of its rows.
+Several sequences share one forward: each row writes its new tokens into its own slot at its own
+positions, padding columns go to a scratch slot, and one mask hides everything past each row's
+length, so the result equals one-at-a-time forwards (tested). Nothing is copied per step.
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+
+from speccascade.models.kvcache import SlabKVCache, check_supported
 
 
 class CapacityError(RuntimeError):
-    """The live-sequence budget (the KV memory budget) of this replica is full."""
+    """The KV budget of this replica (its slots) is full."""
 
 
 class ContextLengthError(ValueError):
@@ -30,8 +31,8 @@ class ContextLengthError(ValueError):
 
 @dataclass
 class _Entry:
-    tokens: list[int] = field(default_factory=list)
-    cache: DynamicCache | None = None   # holds K/V for exactly `tokens`
+    slot: int
+    tokens: list[int] = field(default_factory=list)  # the slot holds K/V for exactly these
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -49,53 +50,64 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
-def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
 class ModelRunner:
+    """`kv_cache_tokens` is the replica's KV budget in tokens (None: max_live_seqs × context);
+    it is cut into slots of `max_seq_len` tokens, one per live sequence, all allocated here."""
+
     def __init__(self, model, *, max_live_seqs: int = 64, max_seq_len: int | None = None,
-                 idle_evict_s: float = 600.0):
+                 idle_evict_s: float = 600.0, kv_cache_tokens: int | None = None):
+        check_supported(model)
         self.model = model
         self.device = next(model.parameters()).device
-        self.max_live_seqs = max_live_seqs
-        self.max_seq_len = max_seq_len or model.config.max_position_embeddings
-        self.idle_evict_s = idle_evict_s  # entries of callers that vanished are reclaimed after this
+        self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings,
+                               model.config.max_position_embeddings)
+        budget = kv_cache_tokens or max_live_seqs * self.max_seq_len
+        self.max_live_seqs = min(max_live_seqs, budget // self.max_seq_len)
+        if self.max_live_seqs < 1:
+            raise ValueError(f"kv_cache_tokens={budget} cannot hold one sequence of the model "
+                             f"context ({self.max_seq_len} tokens)")
+        self._budget_note = (f"max_live_seqs={max_live_seqs}, kv_cache_tokens={budget}, "
+                             f"{self.max_seq_len} tokens per slot")
+        self.idle_evict_s = idle_evict_s  # entries of vanished callers are reclaimed after this
         self.pad_id = model.config.pad_token_id or 0
+        self.cache = SlabKVCache(model, slots=self.max_live_seqs, slot_len=self.max_seq_len)
+        self._free = list(range(self.max_live_seqs - 1, -1, -1))  # a stack: lowest slot on top
         self._entries: dict[str, _Entry] = {}
 
     # -- bookkeeping -------------------------------------------------------------------------
     def live_sequences(self) -> int:
         return len(self._entries)
 
+    def kv_tokens(self) -> tuple[int, int]:
+        """(tokens cached, token capacity) of this replica's KV slab."""
+        return (sum(len(e.tokens) for e in self._entries.values()),
+                self.max_live_seqs * self.max_seq_len)
+
     def cached_tokens(self, seq_id: str) -> list[int]:
         entry = self._entries.get(seq_id)
         return list(entry.tokens) if entry else []
 
     def release(self, seq_id: str) -> None:
-        self._entries.pop(seq_id, None)
+        entry = self._entries.pop(seq_id, None)
+        if entry is not None:
+            self._free.append(entry.slot)
+            self._free.sort(reverse=True)  # reuse low slots: batches tend to be consecutive slots
 
     def rollback(self, seq_id: str, length: int) -> None:
-        """Forget every cached token at index >= length (a view: no copy, no recomputation)."""
+        """Forget every cached token at index >= length: only the length changes."""
         entry = self._entries.get(seq_id)
-        if entry is None or length >= len(entry.tokens):
-            return
-        removed = len(entry.tokens) - length
-        entry.tokens = entry.tokens[:length]
-        if length == 0:
-            entry.cache = None
-        else:
-            entry.cache.crop(-removed)  # transformers 5: a negative count removes trailing tokens
+        if entry is not None and length < len(entry.tokens):
+            del entry.tokens[length:]
 
     def _entry(self, seq_id: str) -> _Entry:
         entry = self._entries.get(seq_id)
         if entry is None:
-            if len(self._entries) >= self.max_live_seqs:
+            if not self._free:
                 self.evict_idle()
-            if len(self._entries) >= self.max_live_seqs:
-                raise CapacityError(f"replica holds {len(self._entries)} live sequences, its "
-                                    f"budget (max_live_seqs={self.max_live_seqs}) is full")
-            entry = self._entries[seq_id] = _Entry()
+            if not self._free:
+                raise CapacityError(f"replica holds {len(self._entries)} live sequences, its KV "
+                                    f"budget ({self._budget_note}) is full")
+            entry = self._entries[seq_id] = _Entry(slot=self._free.pop())
         entry.last_used = time.monotonic()
         return entry
 
@@ -103,16 +115,22 @@ class ModelRunner:
         """Drop entries unused for idle_evict_s: callers that vanished without a release."""
         cutoff = time.monotonic() - self.idle_evict_s
         for seq_id in [s for s, e in self._entries.items() if e.last_used < cutoff]:
-            del self._entries[seq_id]
+            self.release(seq_id)
 
     # -- forward -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def forward(self, items: list[tuple[str, list[int], int]]) -> list[torch.Tensor]:
         """items: (seq_id, tokens, num_logits) with distinct seq_ids.
 
         Returns, per item, the logits predicting the token after each of the last num_logits
         tokens. # [num_logits, vocab]
         """
+        logits = self.forward_batch(items)
+        return [logits[row, :n] for row, (_, _, n) in enumerate(items)]
+
+    @torch.inference_mode()
+    def forward_batch(self, items: list[tuple[str, list[int], int]]) -> torch.Tensor:
+        """As `forward`, as one tensor: row b's logits are [b, :num_logits_b], the rest padding
+        (copies of its last row). # [batch, max num_logits, vocab] float32"""
         if len({seq_id for seq_id, _, _ in items}) != len(items):
             raise ValueError("a sequence may appear only once per forward")
         entries, new_tokens = [], []
@@ -124,75 +142,46 @@ class ModelRunner:
                 raise ValueError(f"num_logits={num_logits} must be in [1, {len(tokens)}]")
             entry = self._entry(seq_id)
             keep = min(_common_prefix(entry.tokens, tokens), len(tokens) - num_logits)
-            self.rollback(seq_id, keep)
+            del entry.tokens[keep:]
             entries.append(entry)
             new_tokens.append(tokens[keep:])
         wanted = [n for _, _, n in items]
-        if len(items) == 1:
-            logits = [self._forward_one(entries[0], new_tokens[0], wanted[0])]
-        else:
-            logits = self._forward_batch(entries, new_tokens, wanted)
+        # Rows in slot order: a batch of consecutive slots then attends over a slab slice (a view)
+        # whatever order its calls arrived in. The logits come back in the callers' order.
+        order = sorted(range(len(items)), key=lambda i: entries[i].slot)
+        if order != list(range(len(items))):
+            entries, new_tokens, wanted = ([xs[i] for i in order]
+                                           for xs in (entries, new_tokens, wanted))
+            logits = self._forward_rows(entries, new_tokens, wanted)
+            inverse = torch.tensor(order, device=self.device).argsort()
+            return logits.index_select(0, inverse)
+        return self._forward_rows(entries, new_tokens, wanted)
+
+    def _forward_rows(self, entries: list[_Entry], new_tokens: list[list[int]],
+                      wanted: list[int]) -> torch.Tensor:
+        lengths = [len(new) for new in new_tokens]
+        k = max(lengths)
+        ids = torch.tensor([new + [self.pad_id] * (k - len(new)) for new in new_tokens],
+                           device=self.device)  # [batch, k], right-padded
+        positions = self.cache.begin([e.slot for e in entries], [len(e.tokens) for e in entries],
+                                     lengths)
+        # Rows are right-padded, so the wanted logits end at a different column per row: project
+        # only the columns from the earliest one any row wants (a prefill needs one row, not k
+        # rows of the vocab projection, which alone costs tens of ms for a long prompt on a CPU).
+        first = min(n_new - n for n_new, n in zip(lengths, wanted))
+        try:
+            out = self.model(input_ids=ids, position_ids=positions, use_cache=False,
+                             attention_mask=self.cache.model_mask, logits_to_keep=k - first)
+        finally:
+            self.cache.end()
         for entry, new in zip(entries, new_tokens):
             entry.tokens.extend(new)
-        return logits
-
-    def _forward_one(self, entry: _Entry, new: list[int], wanted: int) -> torch.Tensor:
-        cache = entry.cache if entry.cache is not None else DynamicCache(config=self.model.config)
-        past = len(entry.tokens)
-        ids = torch.tensor([new], device=self.device)  # [1, k]
-        positions = torch.arange(past, past + len(new), device=self.device)[None]  # [1, k]
-        # logits_to_keep: a prefill needs one row, not k rows of the vocab projection (the
-        # projection of a 400-token prompt onto 8192 logits alone costs tens of ms on a CPU).
-        out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=wanted)
-        entry.cache = out.past_key_values
-        return out.logits[0].float()  # [wanted, vocab]
-
-    def _forward_batch(self, entries: list[_Entry], new_tokens: list[list[int]],
-                       wanted: list[int]) -> list[torch.Tensor]:
-        batch = len(entries)
-        past = [len(e.tokens) for e in entries]
-        width, k = max(past), max(len(n) for n in new_tokens)
-        # [batch, width + k]: 1 on real cached and new tokens; left padding before the cache,
-        # right padding after short new-token runs.
-        mask = torch.zeros(batch, width + k, dtype=torch.long, device=self.device)
-        ids = torch.full((batch, k), self.pad_id, dtype=torch.long, device=self.device)
-        positions = torch.zeros(batch, k, dtype=torch.long, device=self.device)
-        for row, (p, new) in enumerate(zip(past, new_tokens)):
-            mask[row, width - p: width + len(new)] = 1
-            ids[row, : len(new)] = torch.tensor(new, device=self.device)
-            positions[row] = torch.arange(p, p + k, device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        if width > 0:
-            cache = DynamicCache(ddp_cache_data=self._stack_caches(entries, past, width),
-                                 config=self.model.config)
-        # Rows are right-padded, so the wanted logits end at a different column per row: keep
-        # the columns from the earliest one any row wants.
-        first = min(len(new) - n for new, n in zip(new_tokens, wanted))
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=k - first)
-        layers = _layers(out.past_key_values)
-        for row, (entry, p, new) in enumerate(zip(entries, past, new_tokens)):
-            span = slice(width - p, width + len(new))
-            entry.cache = DynamicCache(
-                ddp_cache_data=[(key[row: row + 1, :, span], val[row: row + 1, :, span])
-                                for key, val in layers], config=self.model.config)
-        # out.logits column j is new-token column first + j.  # [batch, k - first, vocab]
-        return [out.logits[row, len(new) - n - first: len(new) - first].float()
-                for row, (new, n) in enumerate(zip(new_tokens, wanted))]
-
-    def _stack_caches(self, entries, past, width):
-        """Left-pad every sequence's K/V to `width` and stack. # per layer [batch, heads, width, dim]"""
-        reference = next(e.cache for e in entries if e.cache is not None)
-        stacked = []
-        for layer, (ref_key, _) in enumerate(_layers(reference)):
-            shape = (len(entries), ref_key.shape[1], width, ref_key.shape[3])
-            keys = ref_key.new_zeros(shape)
-            values = ref_key.new_zeros(shape)
-            for row, (entry, p) in enumerate(zip(entries, past)):
-                if p:
-                    key, value = entry.cache.layers[layer].keys, entry.cache.layers[layer].values
-                    keys[row, :, width - p:] = key[0]
-                    values[row, :, width - p:] = value[0]
-            stacked.append((keys, values))
-        return stacked
+        logits = out.logits  # [batch, k - first, vocab]; column j is new-token column first + j
+        if all(n_new == k for n_new in lengths) and all(n == wanted[0] for n in wanted):
+            return logits.float()  # the usual round: every row wants all the columns kept
+        # Left-align each row's wanted columns; pad with copies of its last one.
+        bounds = torch.tensor([(n_new - n - first, n_new - first - 1)
+                               for n_new, n in zip(lengths, wanted)], device=self.device)
+        span = torch.arange(max(wanted), device=self.device)  # [m]
+        index = torch.minimum(bounds[:, :1] + span, bounds[:, 1:])  # [batch, m]
+        return logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1])).float()

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from speccascade.models.loader import default_pair_paths
 
-Dtype = Literal["float32", "bfloat16", "float16", "float64"]
+# "auto": bfloat16 where the device computes it natively and it measured faster, else float32.
+Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 
 
@@ -26,7 +27,7 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """One checkpoint. `path=None` is the embedded default pair."""
     path: str | None = None
-    dtype: Dtype = "float32"
+    dtype: Dtype = "auto"
     device: str = "cpu"
 
 
@@ -90,6 +91,9 @@ class ServiceConfig(_Strict):
     max_message_bytes: PositiveInt = 1 << 20      # a serialized GenerateRequest
     # -- capacity (beyond them RESOURCE_EXHAUSTED, never an out-of-memory crash) --------------
     max_live_seqs: PositiveInt = 64               # KV entries per drafter/verifier replica
+    # KV budget per drafter/verifier replica in tokens, preallocated at start as slots of the
+    # model context (null: max_live_seqs slots); a new sequence finding no free slot is refused.
+    kv_cache_tokens: PositiveInt | None = None
     router_queue_cap: PositiveInt = 256           # requests in flight per router replica
     # A KV entry unused this long is dropped: its router died mid-request (a live request touches
     # its entries every round; if one is dropped anyway, the next call simply re-prefills).

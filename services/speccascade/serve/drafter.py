@@ -23,7 +23,8 @@ class Drafter(ModelReplica):
         _, draft_path = cfg.model_paths()
         model = load_model(draft_path, cfg.draft.dtype, cfg.draft.device)
         self.worker = DraftWorker(model, max_live_seqs=cfg.max_live_seqs,
-                                 idle_evict_s=cfg.kv_idle_evict_s)
+                                 idle_evict_s=cfg.kv_idle_evict_s,
+                                 kv_cache_tokens=cfg.kv_cache_tokens)
         self._name_worker()
         self._configure_batching(self._draft_batch, cfg.drafter)
 

@@ -66,6 +66,14 @@ class ReplicaMetrics:
                           "KV-cache entries (live sequences) held by this replica",
                           tag_keys=("role",))
         self.live.set_default_tags({"role": role})
+        self.kv_used = Gauge("speccascade_kv_tokens_used",
+                             "Tokens held in this replica's KV cache", tag_keys=("role",))
+        self.kv_used.set_default_tags({"role": role})
+        self.kv_total = Gauge("speccascade_kv_tokens_total",
+                              "Token capacity of this replica's KV cache", tag_keys=("role",))
+        self.kv_total.set_default_tags({"role": role})
 
-    def set_live(self, value: int) -> None:
+    def set_live(self, value: int, kv_used: int = 0, kv_total: int = 0) -> None:
         self.live.set(value)
+        self.kv_used.set(kv_used)
+        self.kv_total.set(kv_total)

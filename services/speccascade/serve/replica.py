@@ -98,7 +98,7 @@ class ModelReplica:
             await asyncio.sleep(self.config.kv_idle_evict_s / 2)
             # The same eviction the runner runs when its budget is full.
             await loop.run_in_executor(self._thread, self.worker.runner.evict_idle)
-            self._metrics.set_live(self.worker.live_sequences())
+            self._report_kv()
 
     def _configure_batching(self, batch_method, spec: DeploymentSpec) -> None:
         batch_method.set_max_batch_size(spec.max_batch_size)
@@ -110,19 +110,28 @@ class ModelReplica:
         results = await loop.run_in_executor(self._thread, _isolated, batch_fn, items)
         self._batches += 1
         self._batched_calls += len(items)
-        self._metrics.set_live(self.worker.live_sequences())
+        self._report_kv()
         return results
+
+    def _report_kv(self) -> None:
+        self._metrics.set_live(self.worker.live_sequences(), *self.worker.runner.kv_tokens())
 
     async def release(self, seq_id: str) -> None:
         """Drop a sequence's KV entry (on the forward thread: never during a forward)."""
         await asyncio.get_running_loop().run_in_executor(self._thread, self.worker.release, seq_id)
-        self._metrics.set_live(self.worker.live_sequences())
+        self._report_kv()
 
     async def stats(self) -> dict[str, Any]:
         self._start_reaper()
+        runner = self.worker.runner
+        used, total = runner.kv_tokens()
         return {"role": self.role, "replica": self.worker.replica_name,
                 "live_sequences": self.worker.live_sequences(), "world_size": world_size(),
-                "batches": self._batches, "batched_calls": self._batched_calls, "pid": os.getpid()}
+                "batches": self._batches, "batched_calls": self._batched_calls, "pid": os.getpid(),
+                "kv_tokens_used": used, "kv_tokens_total": total,
+                "kv_cache_bytes": runner.cache.bytes, "max_live_seqs": runner.max_live_seqs,
+                "dtype": str(runner.model.dtype).removeprefix("torch."),
+                "dtype_choice": getattr(runner.model, "dtype_choice", "")}
 
 
 def unwrap(result):

@@ -145,12 +145,13 @@ class Router:
         except errors.PeerNotAllowedError as exc:
             errors.set_status(grpc_context, exc)
             return pb.HealthResponse()
-        serving, detail = await self._serving()
+        serving, detail, (draft, target) = await self._serving()
         return pb.HealthResponse(
             serving=serving, detail=detail, vocab_size=limits.vocab_size,
             max_seq_len=limits.max_seq_len, max_new_tokens=limits.max_new_tokens,
             default_num_draft_tokens=limits.default_num_draft_tokens,
-            max_num_draft_tokens=limits.max_num_draft_tokens)
+            max_num_draft_tokens=limits.max_num_draft_tokens,
+            target_dtype=target.get("dtype", ""), draft_dtype=draft.get("dtype", ""))
 
     async def Stats(self, request: pb.StatsRequest, grpc_context) -> pb.StatsResponse:
         try:
@@ -162,7 +163,10 @@ class Router:
             return pb.StatsResponse()
         replicas = [pb.ReplicaStats(role=s["role"], replica=s["replica"],
                                     live_sequences=s["live_sequences"], batches=s["batches"],
-                                    batched_calls=s["batched_calls"], pid=s["pid"])
+                                    batched_calls=s["batched_calls"], pid=s["pid"],
+                                    kv_tokens_used=s["kv_tokens_used"],
+                                    kv_tokens_total=s["kv_tokens_total"], dtype=s["dtype"],
+                                    dtype_choice=s["dtype_choice"])
                     for side in found for s in sorted(side, key=lambda s: s["replica"])]
         return pb.StatsResponse(replicas=replicas, router_inflight=self._inflight,
                                 router_replica=serve_replica_name("router"),
@@ -199,18 +203,19 @@ class Router:
             await asyncio.sleep(HEALTH_WATCH_PERIOD_S)
 
     async def _health_status(self) -> int:
-        serving, _ = await self._serving()
+        serving, _, _ = await self._serving()
         return (health_pb2.HealthCheckResponse.SERVING if serving
                 else health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    async def _serving(self) -> tuple[bool, str]:
-        """Whether a drafter and a verifier replica answer (within 10 s), and why not."""
+    async def _serving(self) -> tuple[bool, str, tuple[dict, dict]]:
+        """Whether a drafter and a verifier replica answer (within 10 s), why not, and their
+        stats (drafter, verifier)."""
         try:
-            await asyncio.wait_for(asyncio.gather(self._call(self._drafter, "stats"),
-                                                  self._call(self._verifier, "stats")), 10)
+            draft, target = await asyncio.wait_for(asyncio.gather(
+                self._call(self._drafter, "stats"), self._call(self._verifier, "stats")), 10)
         except Exception as exc:  # noqa: BLE001 - reported, not raised
-            return False, errors.status_for(exc)[1]
-        return True, "serving"
+            return False, errors.status_for(exc)[1], ({}, {})
+        return True, "serving", (draft, target)
 
     # -- helpers -----------------------------------------------------------------------------
     async def _deltas(self, message: pb.GenerateRequest | RequestFields,

@@ -23,7 +23,8 @@ class Verifier(ModelReplica):
         target_path, _ = cfg.model_paths()
         model = load_model(target_path, cfg.target.dtype, cfg.target.device)
         self.worker = VerifyWorker(model, max_live_seqs=cfg.max_live_seqs,
-                                  idle_evict_s=cfg.kv_idle_evict_s)
+                                  idle_evict_s=cfg.kv_idle_evict_s,
+                                  kv_cache_tokens=cfg.kv_cache_tokens)
         self._name_worker()
         self._configure_batching(self._verify_batch, cfg.verifier)
 
