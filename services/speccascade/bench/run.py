@@ -77,9 +77,9 @@ def run_bench(plan: BenchPlan, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"plan": plan.__dict__, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                      "host": cpu_features()}
-    dtype = {"dtype": plan.dtype} if plan.dtype else {}
-    engine = (Engine.from_paths(plan.target, plan.draft, **dtype) if plan.target and plan.draft
-              else Engine.default(**dtype))
+    dtype = plan.dtype or "auto"  # as the service's replicas choose, so the peers compare fairly
+    engine = (Engine.from_paths(plan.target, plan.draft, dtype=dtype) if plan.target and plan.draft
+              else Engine.default(dtype=dtype))
     target = engine.verifier.worker.runner.model
     draft = engine.drafter.worker.runner.model
     prompts = throughput_prompts(engine.tokenizer, plan.prompts)
