@@ -31,6 +31,8 @@ class Limits:
     max_stop_strings: int
     max_stop_string_chars: int
     max_message_bytes: int
+    draft_top_k: int = DEFAULT_DRAFT_TOP_K
+    draft_ahead_waste_cost: float = DEFAULT_DRAFT_AHEAD_WASTE_COST
 
     @classmethod
     def from_config(cls, config: ServiceConfig, *, vocab_size: int, max_seq_len: int) -> "Limits":
@@ -41,7 +43,9 @@ class Limits:
                    max_num_draft_tokens=config.max_num_draft_tokens,
                    max_stop_strings=config.max_stop_strings,
                    max_stop_string_chars=config.max_stop_string_chars,
-                   max_message_bytes=config.max_message_bytes)
+                   max_message_bytes=config.max_message_bytes,
+                   draft_top_k=config.draft_top_k,
+                   draft_ahead_waste_cost=config.draft_ahead_waste_cost)
 
 
 def _prompt_ids(msg: pb.GenerateRequest, tokenizer, limits: Limits) -> list[int]:
@@ -134,4 +138,5 @@ def to_generation_request(msg: pb.GenerateRequest | Undecodable, *, request_id: 
         stop=_stop(msg, limits), eos_token_ids=frozenset() if eos is None else frozenset([eos]),
         pipelined=msg.pipelined if msg.HasField("pipelined") else True,
         adaptive=msg.adaptive_num_draft_tokens, max_num_draft_tokens=limits.max_num_draft_tokens,
-        draft_stop_below=float(msg.draft_stop_below), max_seq_len=limits.max_seq_len)
+        draft_stop_below=float(msg.draft_stop_below), max_seq_len=limits.max_seq_len,
+        draft_top_k=limits.draft_top_k, draft_ahead_waste_cost=limits.draft_ahead_waste_cost)

@@ -86,6 +86,7 @@ class Router:
             max_seq_len=min(target.max_position_embeddings, draft.max_position_embeddings))
         self._inflight = 0
         self._metrics = RouterMetrics()
+        self._transport = cfg.transport.handle_options()
 
     # -- RPCs --------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
@@ -168,7 +169,8 @@ class Router:
                                             tokenizer=self.tokenizer, limits=self.limits)
             mode = request.mode.name.lower()
             retry = dict(attempts=self.config.replica_retry_attempts,
-                         backoff_s=self.config.replica_retry_backoff_s)
+                         backoff_s=self.config.replica_retry_backoff_s,
+                         transport=self._transport)
             drafter = RemoteDrafter(self._drafter, request.request_id, **retry)
             verifier = RemoteVerifier(self._verifier, request.request_id, **retry)
             last = time.perf_counter()
