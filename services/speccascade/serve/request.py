@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass
 
 from speccascade.engine.loop import GenerationRequest, Mode
+from speccascade.engine.seam import DEFAULT_DRAFT_AHEAD_WASTE_COST, DEFAULT_DRAFT_TOP_K
 from speccascade.sampling import (CascadeParams, DeferralRule, ParamError, SamplingParams,
                                   validate_num_draft_tokens)
 from speccascade.serve.config import ServiceConfig
