@@ -39,7 +39,8 @@ def stats_message(stats: RequestStats) -> pb.GenerationStats:
         mean_accepted_length=stats.mean_accepted_length, deferrals=stats.deferrals,
         ttft_ms=stats.ttft_ms, total_ms=stats.total_ms, draft_ms=stats.draft_ms,
         verify_ms=stats.verify_ms, overlap_fraction=stats.overlap_fraction,
-        acceptance_rate=stats.acceptance_rate, replicas=sorted(stats.replicas))
+        acceptance_rate=stats.acceptance_rate, replicas=sorted(stats.replicas),
+        drafted_ahead=stats.drafted_ahead, discarded_draft_tokens=stats.discarded_draft_tokens)
 
 
 def is_loopback_peer(peer: str) -> bool:
@@ -153,6 +154,19 @@ class Router:
         return pb.StatsResponse(replicas=replicas, router_inflight=self._inflight,
                                 router_replica=serve_replica_name("router"),
                                 router_pid=os.getpid())
+
+    async def rpc_floor(self, calls: int = 100) -> dict[str, float]:
+        """Median round trip (ms) of an empty call to the verifier, timed in this replica over
+        the transport the rounds use (same handle options and replica env vars); bench.measure."""
+        handle = self._verifier.options(session_id="bench-rpc-floor", method_name="stats",
+                                        **self._transport)
+        times = []
+        for _ in range(calls + 1):  # the first call warms the connection up
+            started = time.perf_counter()
+            await handle.remote()
+            times.append((time.perf_counter() - started) * 1000)
+        times = sorted(times[1:])
+        return {"median_ms": times[len(times) // 2], "calls": calls}
 
     # -- helpers -----------------------------------------------------------------------------
     async def _deltas(self, message: pb.GenerateRequest, grpc_context) -> AsyncIterator[Delta]:
