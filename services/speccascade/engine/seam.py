@@ -41,11 +41,6 @@ class SparseDraft:
         return SparseDraft(self.indices[rows], self.probs[rows],
                            None if self.raw is None else self.raw[rows])
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.indices, self.probs, self.raw)
-                   if t is not None)
-
 
 @dataclass(frozen=True)
 class DraftRequest:

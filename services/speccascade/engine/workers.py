@@ -169,8 +169,7 @@ class VerifyWorker(_Worker):
             if sparse is not None:
                 n, k = sparse.indices.shape
                 indices[row, :n, :k] = sparse.indices
-                values[row, :n, 0] = 0.0
-                values[row, :n, :k] = getattr(sparse, field)
+                values[row, :n, :k] = getattr(sparse, field)  # k ≥ 1: replaces the one-hot
         return indices, values
 
     @classmethod
