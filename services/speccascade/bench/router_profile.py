@@ -12,7 +12,9 @@ import argparse
 import json
 import os
 import socket
+import shutil
 import subprocess
+import sys
 import time
 
 from speccascade.bench.measure import stream_one
@@ -75,7 +77,8 @@ def main() -> None:
                 sum(r.stats["discarded_draft_tokens"] for r in runs) / rounds,
             "draft_ahead_waste_cost": config.draft_ahead_waste_cost}
         if args.py_spy:
-            spy = subprocess.Popen(["py-spy", "record", "-p", str(pids["router"]), "-f", "raw",
+            py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+            spy = subprocess.Popen([py_spy, "record", "-p", str(pids["router"]), "-f", "raw",
                                     "-d", str(int(args.seconds)), "-r", "100", "--nonblocking",
                                     "-o", args.py_spy],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
