@@ -145,8 +145,8 @@ def write(results: dict, out_dir: Path, markdown: Path) -> None:
               f"{results['in_process_greedy_equal']}; through the service, every greedy "
               f"SPECULATIVE configuration equals TARGET token for token: "
               f"{d['greedy_equal_to_target']}.", "",
-              f"RPC floor in this run (median empty call): Serve deployment handle "
-              f"{results['rpc_floor_ms']['serve_handle']:.2f} ms, raw Ray actor "
+              f"RPC floor in this run (median empty call): router → verifier over the service's "
+              f"transport {results['rpc_floor_ms']['serve_handle']:.2f} ms, raw Ray actor "
               f"{results['rpc_floor_ms']['ray_actor']:.2f} ms. Every round waits for at least one "
               "handle call to the verifier, so non-model time per round cannot fall below the "
               "first.", "",
