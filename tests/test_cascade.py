@@ -273,3 +273,64 @@ def test_ends_are_inside_the_allowed_ranges():
         assert lo <= SD_END[rule] <= hi and lo <= DRAFT_END[rule] <= hi
         CascadeParams(rule, SD_END[rule])
         CascadeParams(rule, DRAFT_END[rule])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse draft payloads: what the verifier's cascade reads is what every rule needs
+# ---------------------------------------------------------------------------------------------
+
+SPARSE_VOCAB, SPARSE_GAMMA = 40, 3
+
+
+def shipped_cascade(rule: DeferralRule, alpha: float, params: SamplingParams, k: int, seed: int):
+    """Draft logits through the real drafter (ship q′ over top k, plus raw q) and the real verifier's
+    cascade; and the same π computed densely from q′ and the *full* temperature-1 q.
+    -> (π the verifier used [γ, V], π from the dense inputs [γ, V])."""
+    from speccascade.engine.seam import DraftRequest, SparseDraft, VerifyRequest
+    from speccascade.engine.workers import DraftWorker, VerifyWorker
+
+    gen = torch.Generator().manual_seed(seed)
+    draft_logits = 2 * torch.randn(SPARSE_GAMMA, 1, SPARSE_VOCAB, generator=gen)  # rows = positions
+    target_logits = 2 * torch.randn(1, SPARSE_GAMMA + 1, SPARSE_VOCAB, generator=gen)
+    requests = [DraftRequest("s", [], 1, params, position=j, ship_top_k=k, ship_raw=True)
+                for j in range(SPARSE_GAMMA)]
+    tokens, rows = DraftWorker._sample(draft_logits, requests, step=0)
+    sparse = SparseDraft(*(torch.stack(part) for part in zip(*rows)))
+    verify_request = VerifyRequest("s", [1], tokens.tolist(), params, sparse,
+                                   CascadeParams(rule, alpha))
+    p = process_logits(target_logits, [params])                               # [1, γ+1, V]
+    q = VerifyWorker._draft_probs([verify_request], tokens[None], SPARSE_GAMMA, SPARSE_VOCAB)
+    used, _ = VerifyWorker._cascade([verify_request], p, q, target_logits, SPARSE_GAMMA,
+                                    SPARSE_VOCAB)
+    dense, _ = cascade_target(p[:, :SPARSE_GAMMA], q, target_logits[:, :SPARSE_GAMMA].softmax(-1),
+                              draft_logits.transpose(0, 1).softmax(-1), [CascadeParams(rule, alpha)])
+    assert torch.equal(used[:, SPARSE_GAMMA:], p[:, SPARSE_GAMMA:])           # bonus keeps p
+    return used[0, :SPARSE_GAMMA], dense[0]
+
+
+@pytest.mark.parametrize("rule", list(R))
+@pytest.mark.parametrize("alpha_at", [0.25, 0.5, 0.75])          # where in the rule's range
+@pytest.mark.parametrize("params, k", [(SamplingParams(temperature=0.8, seed=3), 8),
+                                       (SamplingParams(temperature=1.2, top_p=0.9, seed=4), 12),
+                                       (SamplingParams(temperature=0.0), 1)])   # greedy: k = 1
+def test_sparse_cascade_payload_gives_the_dense_pi(rule, alpha_at, params, k):
+    lo, hi = ALPHA_RANGE[rule]
+    lo, hi = (-0.5, 0.5) if rule is R.OPT else (lo, hi)
+    used, dense = shipped_cascade(rule, lo + alpha_at * (hi - lo), params, k, seed=11)
+    assert torch.allclose(used, dense, atol=1e-6, rtol=0)
+    assert torch.allclose(used.sum(-1), torch.ones(SPARSE_GAMMA), atol=1e-5)  # π is a distribution
+
+
+def test_greedy_cascades_ship_one_token_and_its_raw_q_per_position():
+    from speccascade.engine.loop import GenerationRequest, Mode, _State
+
+    request = GenerationRequest("r", [1, 2], 8, mode=Mode.CASCADE,
+                                cascade=CascadeParams(R.TOKEN_V1, 0.2))
+    state = _State(request, None, None, None, [1, 2])
+    draft = state.draft_request([1, 2], 4)
+    assert draft.ship_top_k == 1 and draft.ship_raw
+    sampled = GenerationRequest("r", [1, 2], 8, mode=Mode.SPECULATIVE,
+                                sampling=SamplingParams(temperature=0.8), draft_top_k=32)
+    assert _State(sampled, None, None, None, [1, 2]).draft_request([1, 2], 4).ship_top_k == 32
+    greedy = GenerationRequest("r", [1, 2], 8, mode=Mode.SPECULATIVE)
+    assert _State(greedy, None, None, None, [1, 2]).draft_request([1, 2], 4).ship_top_k == 0

@@ -59,6 +59,26 @@ def test_identical_draft_accepts_everything(tiny_twins):
         assert s.stats.hidden_draft_ms > 0
 
 
+def test_draft_ahead_only_when_it_pays_and_output_is_unchanged(engine, tiny_twins):
+    """Draft-ahead gating changes how much is drafted and thrown away, never the output."""
+    params = SamplingParams(temperature=0.9, seed=5)
+    runs = {cost: run(engine, Mode.SPECULATIVE, PROMPTS[:4], 40, sampling=params,
+                      draft_ahead_waste_cost=cost) for cost in (0.0, 1.0)}
+    sequential = run(engine, Mode.SPECULATIVE, PROMPTS[:4], 40, sampling=params, pipelined=False)
+    for always, gated, seq in zip(runs[0.0], runs[1.0], sequential):
+        assert always.token_ids == gated.token_ids == seq.token_ids
+        assert seq.stats.drafted_ahead == 0
+    ahead = {cost: sum(r.stats.drafted_ahead for r in rs) for cost, rs in runs.items()}
+    wasted = {cost: sum(r.stats.discarded_draft_tokens for r in rs) for cost, rs in runs.items()}
+    # random tiny pair: acceptance is low, so always drafting ahead mostly wastes; gating drafts less
+    assert 0 < wasted[0.0] <= ahead[0.0] and ahead[1.0] < ahead[0.0] and wasted[1.0] < wasted[0.0]
+    # identical twins: every block is accepted and every guess right, so the gate opens and
+    # nothing drafted ahead is thrown away
+    twins = Engine.from_paths(*tiny_twins, dtype="float64")
+    for r in run(twins, Mode.SPECULATIVE, PROMPTS[:2], 40, draft_ahead_waste_cost=1.0):
+        assert r.stats.drafted_ahead > 0 and r.stats.discarded_draft_tokens == 0
+
+
 @pytest.mark.parametrize("rule", list(DeferralRule))
 def test_cascade_at_sd_end_equals_speculative(engine, rule):
     cascade = CascadeParams(rule, SD_END[rule])

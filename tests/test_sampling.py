@@ -544,3 +544,122 @@ def test_plain_sampling_with_zero_drafts_follows_p():
     out = run_rounds(p, torch.zeros(0, VOCAB_STAT), ROUNDS // 2, gen)
     assert out.num_accepted.eq(0).all()
     assert follows(out, p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse draft distributions: the drafter samples from q′ = top-k of q (renormalized) and ships
+# (indices, probs); the verifier must test against exactly that q′ (REFERENCE.md §2)
+# ---------------------------------------------------------------------------------------------
+
+SPARSE_K = 5  # of VOCAB_STAT = 16 tokens: q′ drops a large share of q's mass
+
+
+def test_truncate_top_k_keeps_the_likeliest_and_renormalizes():
+    q = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]])
+    indices, probs = sampling.truncate_top_k(q, 3)
+    assert indices.dtype == torch.int32 and indices.tolist() == [[1, 3, 4]]
+    assert torch.allclose(probs, torch.tensor([[0.4, 0.3, 0.15]]) / 0.85)
+    dense = sampling.sparse_to_dense(indices, probs, 5)
+    assert torch.allclose(dense, torch.tensor([[0, 0.4, 0, 0.3, 0.15]]) / 0.85)
+    assert sampling.truncate_top_k(q, 99)[0].shape == (1, 5)      # k is capped at the vocabulary
+
+
+def test_sparse_to_dense_adds_padding_without_overwriting():
+    # two rows of one batch padded to k = 3: padded slots carry index 0 with probability 0
+    indices = torch.tensor([[[0, 2, 1]], [[2, 0, 0]]])             # [batch, 1, k]
+    probs = torch.tensor([[[0.5, 0.3, 0.2]], [[1.0, 0.0, 0.0]]])
+    dense = sampling.sparse_to_dense(indices, probs, 3)            # [batch, 1, vocab]
+    assert torch.equal(dense, torch.tensor([[[0.5, 0.2, 0.3]], [[0.0, 0.0, 1.0]]]))
+
+
+def drafter_q_prime(q: torch.Tensor, k: int):
+    """The real drafter (DraftWorker._sample) at temperature 1 on logits log q [γ, V]: one row per
+    position. -> (its tokens [γ], the SparseDraft it ships)."""
+    from speccascade.engine.seam import DraftRequest, SparseDraft
+    from speccascade.engine.workers import DraftWorker
+
+    gamma = q.shape[0]
+    requests = [DraftRequest("s", [], 1, SamplingParams(temperature=1.0, seed=7), position=j,
+                             ship_top_k=k) for j in range(gamma)]
+    tokens, rows = DraftWorker._sample(q.log()[:, None, :], requests, step=0)
+    indices, probs, _ = zip(*rows)
+    return tokens, SparseDraft(torch.stack(indices), torch.stack(probs))
+
+
+def verifier_q(sparse, drafts: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The real verifier's sparse → dense q (VerifyWorker._draft_probs) -> [γ, V]."""
+    from speccascade.engine.seam import VerifyRequest
+    from speccascade.engine.workers import VerifyWorker
+
+    request = VerifyRequest("s", [1], drafts.tolist(), SamplingParams(temperature=1.0), sparse)
+    return VerifyWorker._draft_probs([request], drafts[None], len(drafts), vocab)[0]
+
+
+def test_drafter_ships_exactly_the_q_prime_it_samples_from():
+    gen = torch.Generator().manual_seed(31)
+    _, q = random_p_q(4, VOCAB_STAT, gen)
+    tokens, sparse = drafter_q_prime(q, SPARSE_K)
+    assert sparse.indices.shape == sparse.probs.shape == (4, SPARSE_K)
+    expected = sampling.sparse_to_dense(*sampling.truncate_top_k(q, SPARSE_K), VOCAB_STAT)
+    dense = verifier_q(sparse, tokens, VOCAB_STAT)
+    assert torch.allclose(dense, expected, atol=1e-6)              # q′ = top-k of q, renormalized
+    # the verifier's q′ is the shipped tensor bit for bit, and nothing outside it
+    assert torch.equal(dense.gather(-1, sparse.indices.long()), sparse.probs)
+    assert dense.scatter(-1, sparse.indices.long(), 0.0).eq(0).all()
+    assert (dense.gather(-1, tokens[:, None]) > 0).all()           # every draft lies in q′
+
+
+def test_drafter_tokens_follow_q_prime_not_q():
+    """Many draws of the real drafter (one seeded row each) follow q′; the check tells q′ from q."""
+    gen = torch.Generator().manual_seed(32)
+    _, q = random_p_q(1, VOCAB_STAT, gen)
+    n = 40_000
+    from speccascade.engine.seam import DraftRequest
+    from speccascade.engine.workers import DraftWorker
+
+    requests = [DraftRequest("s", [], 1, SamplingParams(temperature=1.0, seed=s), position=0,
+                             ship_top_k=SPARSE_K) for s in range(n)]
+    tokens, _ = DraftWorker._sample(q.log().expand(n, 1, VOCAB_STAT), requests, step=0)
+    q_prime = sampling.sparse_to_dense(*sampling.truncate_top_k(q, SPARSE_K), VOCAB_STAT)
+    as_rounds = sampling.VerifyOutput(torch.zeros(n, dtype=torch.long), tokens[:, None])
+    assert follows(as_rounds, q_prime)
+    assert not follows(as_rounds, q)
+
+
+def run_sparse_rounds(p: torch.Tensor, q: torch.Tensor, verifier_side: str,
+                      gen: torch.Generator) -> sampling.VerifyOutput:
+    """Drafts from the drafter's q′ (top-SPARSE_K), verified against the q `verifier_side` names:
+    "shipped" (the real verifier on the real payload), "untruncated" (q), "other_k" (q′ of k+1)."""
+    drafts, sparse = drafter_q_prime(q, SPARSE_K)
+    q_prime = verifier_q(sparse, drafts, VOCAB_STAT)               # what the drafter sampled from
+    if verifier_side == "shipped":
+        q_verify = q_prime
+    elif verifier_side == "untruncated":
+        q_verify = q
+    else:
+        q_verify = verifier_q(drafter_q_prime(q, SPARSE_K + 1)[1], drafts, VOCAB_STAT)
+    gamma = q.shape[0]
+    sampled = torch.multinomial(q_prime, ROUNDS, replacement=True, generator=gen).T  # [rounds, γ]
+    uniforms = torch.rand(ROUNDS, gamma + 1, generator=gen, dtype=torch.float64)
+    return sampling._verify_with_uniforms(
+        sampled.contiguous(), torch.full((ROUNDS,), gamma), q_verify.expand(ROUNDS, gamma, -1),
+        p.expand(ROUNDS, gamma + 1, -1), uniforms)
+
+
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_sparse_drafts_verified_against_the_shipped_q_prime_follow_p(gamma):
+    gen = torch.Generator().manual_seed(300 + gamma)
+    p, q = random_p_q(gamma, VOCAB_STAT, gen)
+    out = run_sparse_rounds(p, q, "shipped", gen)
+    checks = position_checks(out, p)
+    assert all(c["ok"] for c in checks), checks
+    assert (out.num_accepted < gamma).any() and (out.num_accepted == gamma).any()
+
+
+@pytest.mark.parametrize("gamma", [1, 3])
+@pytest.mark.parametrize("verifier_side", ["untruncated", "other_k"])
+def test_sparse_check_fails_when_the_verifier_uses_another_q(gamma, verifier_side):
+    gen = torch.Generator().manual_seed(300 + gamma)               # the same p, q and draws
+    p, q = random_p_q(gamma, VOCAB_STAT, gen)
+    out = run_sparse_rounds(p, q, verifier_side, gen)
+    assert not follows(out, p), position_checks(out, p)

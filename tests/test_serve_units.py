@@ -56,10 +56,38 @@ def test_config_defaults_are_the_embedded_pair_on_loopback():
     {"grpc_port": 0},
     {"drafter": {"ray_actor_options": {"num_cpus": -1}}},
     {"router_queue_cap": 1000},                                          # above max_ongoing
+    {"verifier": {"max_ongoing_requests": 32}},                          # < max_live_seqs: rejects
+    {"transport": {"serialization": "json"}},
+    {"draft_top_k": 0},
+    {"draft_ahead_waste_cost": 1.5},
 ])
 def test_config_rejects(bad):
     with pytest.raises(ValueError):
         ServiceConfig.load(bad)
+
+
+def test_transport_reaches_every_deployment_and_the_router_handles():
+    from ray.serve._private.handle_options import DynamicHandleOptions
+
+    from speccascade.serve.app import build_app
+
+    config = ServiceConfig()
+    app = build_app(config)
+    router = app._bound_deployment
+    drafter, verifier = (bound._bound_deployment for bound in router.init_args[:2])
+    for deployment, env in ((router, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                                      "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}),
+                            (drafter, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}),
+                            (verifier, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"})):
+        assert deployment.ray_actor_options["runtime_env"]["env_vars"] == env
+    # the handle options are ones Serve's DeploymentHandle.options accepts, by these names
+    options = DynamicHandleOptions().copy_and_update(**config.transport.handle_options())
+    assert options._by_reference is False and options.request_serialization == "pickle"
+    assert options.response_serialization == "pickle"
+    off = ServiceConfig.load({"transport": {"user_code_on_main_loop": False,
+                                            "router_on_main_loop": False, "by_reference": True}})
+    assert "runtime_env" not in off.router.serve_options(off.transport.env_vars(True))[
+        "ray_actor_options"]
 
 
 def test_config_autoscaling_and_yaml_round_trip(tmp_path):

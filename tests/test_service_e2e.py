@@ -65,6 +65,39 @@ def test_greedy_speculative_and_cascade_equal_target(service, references):
         assert reply.stats.drafted > 0 and reply.stats.rounds > 0
 
 
+def test_sampled_rounds_through_the_service_equal_the_in_process_engine(service, tiny_pair):
+    """Seeded sampling (sparse q′ shipped over the configured transport) gives exactly the
+    tokens of the in-process engine, which passes the same payloads without Ray."""
+    from speccascade.engine.engine import Engine
+    from speccascade.engine.loop import Mode
+    from speccascade.sampling import CascadeParams, DeferralRule, SamplingParams
+    from speccascade.serve.config import ServiceConfig
+
+    config = ServiceConfig()
+    engine = Engine.from_paths(*tiny_pair, dtype="float64")
+    cases = [("speculative", {}), ("cascade", {"deferral_rule": "TOKEN_V1",
+                                               "deferral_threshold": 0.05})]
+    for i, prompt in enumerate(PROMPTS[:4]):
+        for mode, extra in cases:
+            reply = service.generate(prompt, max_new_tokens=MAX_NEW, mode=mode, temperature=0.9,
+                                     top_p=0.95, seed=100 + i, **extra)
+            cascade = (CascadeParams(DeferralRule.TOKEN_V1, 0.05) if mode == "cascade" else None)
+            [local] = engine.generate([engine.request(
+                prompt, mode=Mode[mode.upper()], max_new_tokens=MAX_NEW, cascade=cascade,
+                sampling=SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i),
+                draft_top_k=config.draft_top_k)])
+            assert list(reply.token_ids) == local.token_ids, (prompt, mode)
+            assert reply.stats.drafted > 0
+
+
+def test_rpc_floor_is_timed_from_the_router_over_its_transport(service):
+    from speccascade.bench.measure import rpc_floor_ms
+    from speccascade.serve import launch
+
+    floor = rpc_floor_ms(launch.APP_NAME, calls=20)
+    assert floor["router_to_verifier"] > 0 and floor["raw_ray_actor"] > 0
+
+
 def test_stream_concatenation_equals_unary(service):
     for prompt in PROMPTS[:4]:
         unary = service.generate(prompt, max_new_tokens=MAX_NEW, mode="speculative")

@@ -242,6 +242,34 @@ def _apply_top_p(scaled: Tensor, top_p: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# Sparse draft distributions: q′ = q truncated to its top k tokens, renormalized
+# --------------------------------------------------------------------------------------------
+
+
+def truncate_top_k(q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """q [..., vocab] -> (indices [..., k] int32, probs [..., k] float32), likeliest first.
+
+    q′ = q restricted to its k likeliest tokens and renormalized. Speculative decoding stays exact
+    with q′ in place of q as long as the drafter samples from q′ and the verifier tests against the
+    same q′ (REFERENCE.md §2); the acceptance lost is at most the mass of q outside the top k.
+    Temperature, top-k and top-p keep the order of tokens, so the argmax is always kept.
+    """
+    k = max(1, min(k, q.shape[-1]))
+    top, indices = q.float().topk(k, dim=-1)                                     # [..., k]
+    return indices.int(), top / top.sum(-1, keepdim=True)
+
+
+def sparse_to_dense(indices: Tensor, probs: Tensor, vocab: int) -> Tensor:
+    """(indices [..., k], probs [..., k]) -> dense [..., vocab] float32, by scatter-add.
+
+    Adding (not assigning) lets padded slots carry any index with probability 0, so rows of a
+    batch may ship different k (or nothing past their γ) without overwriting real entries.
+    """
+    dense = torch.zeros(*indices.shape[:-1], vocab, dtype=torch.float32)
+    return dense.scatter_add_(-1, indices.long(), probs.float())
+
+
+# --------------------------------------------------------------------------------------------
 # Seeded randomness and plain sampling
 # --------------------------------------------------------------------------------------------
 
@@ -290,6 +318,20 @@ def sample(probs: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
                          f"got {tuple(probs.shape)} and {len(generators)} generators")
     u = torch.cat([_uniform(g) for g in generators]) if generators else torch.zeros(0)  # [batch]
     return _inverse_cdf(probs, u)
+
+
+def sample_sparse(indices: Tensor, probs: Tensor,
+                  generators: Sequence[torch.Generator]) -> Tensor:
+    """A token from each row's sparse q′: indices, probs [batch, k] -> tokens [batch] int64.
+
+    One uniform per row, like ``sample``; the token follows q′ exactly.
+    """
+    if probs.dim() != 2 or probs.shape[0] != len(generators) or indices.shape != probs.shape:
+        raise ValueError(f"indices, probs must be [batch, k] with batch = len(generators); "
+                         f"got {tuple(indices.shape)}, {tuple(probs.shape)}, {len(generators)}")
+    u = torch.cat([_uniform(g) for g in generators]) if generators else torch.zeros(0)  # [batch]
+    slot = _inverse_cdf(probs, u)                                                # [batch]
+    return indices.long().gather(-1, slot[:, None]).squeeze(-1)
 
 
 # --------------------------------------------------------------------------------------------

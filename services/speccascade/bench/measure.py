@@ -10,9 +10,6 @@ from pathlib import Path
 
 from speccascade.client import SpecCascadeClient
 
-# GenerationStats field: draft tokens drafted ahead during a verification and then thrown away.
-DISCARDED = "discarded_draft_tokens"
-
 
 @dataclass
 class Run:
@@ -89,7 +86,7 @@ def summarize(runs: list[Run]) -> dict:
     itl = [x for r in runs for x in r.itl_ms]
     agg = {k: sum(r.stats.get(k, 0) for r in runs) for k in
            ("rounds", "drafted", "accepted", "deferrals", "draft_ms", "verify_ms",
-            DISCARDED)}
+            "drafted_ahead", "discarded_draft_tokens")}
     hidden = sum(r.stats.get("overlap_fraction", 0) * r.stats.get("draft_ms", 0) for r in runs)
     rounds = max(agg["rounds"], 1)
     return {
@@ -109,15 +106,18 @@ def summarize(runs: list[Run]) -> dict:
         "round_verify_ms": agg["verify_ms"] / rounds,
         "non_model_ms_per_round_p50": statistics.median(r.non_model_ms_per_round for r in runs),
         "overlap_fraction": hidden / agg["draft_ms"] if agg["draft_ms"] else 0.0,
-        "discarded_draft_per_round": agg[DISCARDED] / rounds,
+        # Draft-ahead waste: tokens drafted during verification and then thrown away.
+        "round_drafted_ahead": agg["drafted_ahead"] / rounds,
+        "round_discarded_draft_tokens": agg["discarded_draft_tokens"] / rounds,
     }
 
 
 def rpc_floor_ms(app_name: str, calls: int = 100) -> dict[str, float]:
-    """Median round trip of an empty call, measured in this run on the same Ray cluster: through a
-    Serve deployment handle (what the router pays per drafter or verifier call, before any
-    compute) and as a raw Ray actor call. No round can take less non-model time than one handle
-    round trip, since every round waits for at least one verification."""
+    """Median round trip of an empty call, measured in this run on the same Ray cluster: from the
+    Router replica to a Verifier replica over the transport the rounds use (the router's own handle
+    options and replica env vars, ServiceConfig.transport), and as a raw Ray actor call from here.
+    No round can take less non-model time than one such round trip, since every round waits for
+    at least one verification."""
     import ray
     from ray import serve
 
@@ -126,8 +126,7 @@ def rpc_floor_ms(app_name: str, calls: int = 100) -> dict[str, float]:
         def call(self, value=None):
             return value
 
-    handle = serve.get_deployment_handle("Verifier", app_name).options(
-        method_name="stats", session_id="bench-rpc-floor")
+    router = serve.get_deployment_handle("Router", app_name).options(method_name="rpc_floor")
     actor = Echo.remote()
 
     def median_ms(call) -> float:
@@ -140,8 +139,8 @@ def rpc_floor_ms(app_name: str, calls: int = 100) -> dict[str, float]:
         return statistics.median(times)
 
     try:
-        return {"serve_handle": median_ms(lambda: handle.remote().result()),
-                "ray_actor": median_ms(lambda: ray.get(actor.call.remote()))}
+        return {"router_to_verifier": router.remote(calls).result()["median_ms"],
+                "raw_ray_actor": median_ms(lambda: ray.get(actor.call.remote()))}
     finally:
         ray.kill(actor)
 

@@ -22,7 +22,7 @@ def _speed_table(speed: dict) -> list[str]:
                     f"{s['itl_ms_p50']:.1f} / {s['itl_ms_p95']:.1f} | {s['mean_accepted_length']:.2f} | "
                     f"{s['round_draft_ms']:.1f} / {s['round_hidden_draft_ms']:.1f} / "
                     f"{s['round_verify_ms']:.1f} / {other:.1f} | {s['overlap_fraction']:.2f} | "
-                    f"{s.get('discarded_draft_per_round', 0.0):.2f} |")
+                    f"{s.get('round_discarded_draft_tokens', 0.0):.2f} |")
     return rows
 
 
@@ -201,7 +201,7 @@ def write(results: dict, out_dir: Path, markdown: Path) -> None:
         f"print the same greedy tokens: {results['in_process_greedy_equal']}. "
         + _divergence_line(svc["greedy_vs_target"]), "",
         "RPC floor in this run (median empty call, the transport the router uses): "
-        + ", ".join(f"{name.replace('_', ' ')} {ms:.2f} ms" for name, ms in floor.items())
+        + f"router → verifier {floor['router_to_verifier']:.2f} ms, raw Ray actor call {floor['raw_ray_actor']:.2f} ms"
         + ". Every round waits for at least one verifier call.", "",
         f"Runner cost outside the model forward, batch of {over['target']['batch']} (in process): "
         f"target {over['target']['runner_ms']:.1f} ms per call of which forward "

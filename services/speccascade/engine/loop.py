@@ -8,6 +8,8 @@ Pipelining (speculative and cascade modes): while the verifier scores block k, t
 drafts block k+1 from committed + block k, its first token being the draft's guess of the bonus
 token. If block k is fully accepted and the guess equals the bonus, block k+1 is used as is;
 otherwise it is discarded (the drafter's cache is rolled back by the next call's reconciliation).
+A block is drafted ahead only when the request's running acceptance says it will likely be used
+(`_State.draft_ahead_pays`); the discarded tokens are counted in RequestStats.
 Because draft sampling is seeded by absolute position, a reused block is exactly the block a fresh
 draft would produce: pipelining changes speed, never output.
 """
@@ -20,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
-from speccascade.engine.seam import (DraftRequest, DraftResult, Drafter, RequestStats,
-                                     Verifier, VerifyRequest)
+from speccascade.engine.seam import (DEFAULT_DRAFT_AHEAD_WASTE_COST, DEFAULT_DRAFT_TOP_K,
+                                     DraftRequest, DraftResult, Drafter, RequestStats, Verifier,
+                                     VerifyRequest)
 from speccascade.engine.transcript import Transcript
 from speccascade.sampling import CascadeParams, ParamError, SamplingParams
 
@@ -49,6 +52,10 @@ class GenerationRequest:
     pipelined: bool = True
     draft_stop_below: float = 0.0             # stop a draft block early when the draft is unsure
     max_seq_len: int = 1 << 30                # model context; blocks never run past it
+    draft_top_k: int = DEFAULT_DRAFT_TOP_K    # k of the shipped q′ (sampled rounds)
+    # Share of a wasted draft-ahead's compute that delays the verification (0 = drafter on its own
+    # device: always draft ahead; 1 = fully shared cores). Sets the draft-ahead threshold.
+    draft_ahead_waste_cost: float = DEFAULT_DRAFT_AHEAD_WASTE_COST
 
     def __post_init__(self):
         # Checked here, where every caller (router, in-process engine, CLI) builds a request.
@@ -83,6 +90,10 @@ class _State:
     stats: RequestStats = field(default_factory=RequestStats)
     speculation: _Speculation | None = None
     current_gamma: int = 0
+    # Running estimates (exponential averages) of P(block fully accepted) and of the per-token
+    # acceptance, the latter standing for P(bonus guess = bonus). Priors: no evidence either way.
+    full_rate: float = 0.5
+    token_rate: float = 0.5
 
     def __post_init__(self):
         self.current_gamma = self.request.num_draft_tokens
@@ -104,12 +115,27 @@ class _State:
             self.current_gamma = max(1, min(self.request.max_num_draft_tokens,
                                             self.current_gamma + step))
 
+    def observe(self, drafted: int, accepted: int, weight: float = 0.25) -> None:
+        self.full_rate += weight * (float(accepted == drafted) - self.full_rate)
+        self.token_rate += weight * (accepted / max(drafted, 1) - self.token_rate)
+
+    def draft_ahead_pays(self, gamma: int) -> bool:
+        """Draft block k+1 during verification only when its expected saving beats its expected
+        waste (REFERENCE.md §11): used with probability P = P(all γ accepted)·P(guess = bonus),
+        it saves γ draft steps of latency; unused, its γ + 1 steps cost f (waste cost) each.
+        P·γ ≥ (1 − P)·f·(γ + 1)  ⇔  P ≥ f(γ + 1) / (γ + f(γ + 1))."""
+        f = self.request.draft_ahead_waste_cost
+        used = self.full_rate * self.token_rate
+        return used * gamma >= (1 - used) * f * (gamma + 1)
+
     def draft_request(self, tokens: list[int], gamma: int) -> DraftRequest:
         r = self.request
+        # Sampled rounds ship q′ over the top k; greedy cascades only the drafted token's raw q
+        # (k = 1); greedy speculative rounds nothing (verification needs only the tokens).
+        top_k = r.draft_top_k if not r.sampling.greedy else int(r.cascade is not None)
         return DraftRequest(seq_id=r.request_id, tokens=tokens, num_draft_tokens=gamma,
-                            sampling=r.sampling, position=len(tokens),
-                            want_logits=not r.sampling.greedy or r.cascade is not None,
-                            stop_below=r.draft_stop_below)
+                            sampling=r.sampling, position=len(tokens), ship_top_k=top_k,
+                            ship_raw=r.cascade is not None, stop_below=r.draft_stop_below)
 
 
 async def _target_round(state: _State) -> list[int]:
@@ -146,10 +172,14 @@ async def _take_block(state: _State, gamma: int) -> DraftResult:
         # (the wait) was on the critical path.
         state.stats.draft_ms += guess.draft_ms
         state.stats.exposed_draft_ms += min(waited_ms, guess.draft_ms)
+        state.stats.drafted_ahead += len(guess.tokens)
         if spec.base + guess.tokens[:1] == state.committed and len(guess.tokens) > 1:
-            return DraftResult(guess.seq_id, guess.tokens[1: gamma + 1],
-                               None if guess.logits is None else guess.logits[1: gamma + 1],
+            block = guess.tokens[1: gamma + 1]
+            state.stats.discarded_draft_tokens += len(guess.tokens) - 1 - len(block)
+            return DraftResult(guess.seq_id, block,
+                               None if guess.q is None else guess.q[1: gamma + 1],
                                guess.draft_ms, guess.replica)
+        state.stats.discarded_draft_tokens += len(guess.tokens)
     return await _fresh_draft(state, state.committed, gamma)
 
 
@@ -162,8 +192,9 @@ async def _speculative_round(state: _State) -> list[int]:
     state.stats.replicas.add(f"drafter:{block.replica}")
     # 2. Verify it; meanwhile draft block k+1 assuming block k is accepted.
     verifying = asyncio.ensure_future(state.verifier.verify(VerifyRequest(
-        r.request_id, state.committed, block.tokens, r.sampling, block.logits, r.cascade)))
-    if r.pipelined and state.transcript.remaining > len(block.tokens) + 1:
+        r.request_id, state.committed, block.tokens, r.sampling, block.q, r.cascade)))
+    if (r.pipelined and state.transcript.remaining > len(block.tokens) + 1
+            and state.draft_ahead_pays(len(block.tokens))):
         base = state.committed + block.tokens
         # The bonus guess and block k+1, cut where they would run past the model context.
         ahead = min(gamma + 1, state.room(base))
@@ -178,6 +209,7 @@ async def _speculative_round(state: _State) -> list[int]:
     state.stats.verify_ms += result.verify_ms
     state.stats.replicas.add(f"verifier:{result.replica}")
     state.adapt_gamma(len(block.tokens), result.num_accepted)
+    state.observe(len(block.tokens), result.num_accepted)
     return result.emitted
 
 

@@ -17,11 +17,29 @@ import torch
 from speccascade.sampling import CascadeParams, SamplingParams
 
 
-# Draft logits travel from drafter to router to verifier in half precision: 4 rows × 8192 logits
-# are 64 KB, under Ray's 100 KB limit for objects passed inline. Measured here: an actor round trip
-# with 4×8192 logits took 2.0 ms in fp16 and 6.2 ms in fp32 (the object store path). The drafter
-# samples from the rounded logits, so q is the same on both sides and verification stays exact.
-DRAFT_LOGITS_DTYPE = torch.float16
+# k of the shipped q′, chosen by measurement on the default pair (bench/sparse_k.py, README).
+DEFAULT_DRAFT_TOP_K = 256
+# Share of a discarded draft-ahead's compute that delays verification (engine.loop.draft_ahead_pays).
+DEFAULT_DRAFT_AHEAD_WASTE_COST = 0.5
+
+
+@dataclass(frozen=True)
+class SparseDraft:
+    """The draft distribution q′ at each drafted position, as the drafter sampled from it.
+
+    q′ is the processed (temperature / top-k / top-p) q truncated to its k likeliest tokens and
+    renormalized (`sampling.truncate_top_k`). The verifier tests against exactly this q′, so
+    speculative decoding stays lossless w.r.t. p (REFERENCE.md §2) while a round ships
+    γ·k·(4 + 4 [+ 4]) bytes instead of γ·vocab logits. Greedy cascades ship k = 1 (the drafted
+    token, q′ = 1) plus `raw`, all their deferral rules need at temperature 0.
+    """
+    indices: torch.Tensor               # [len, k] int32, likeliest first
+    probs: torch.Tensor                 # [len, k] float32: q′ at indices, rows sum to 1
+    raw: torch.Tensor | None = None     # [len, k] float32: temperature-1 q at indices (cascades)
+
+    def __getitem__(self, rows: slice) -> "SparseDraft":
+        return SparseDraft(self.indices[rows], self.probs[rows],
+                           None if self.raw is None else self.raw[rows])
 
 
 @dataclass(frozen=True)
@@ -31,7 +49,8 @@ class DraftRequest:
     num_draft_tokens: int      # γ for this round
     sampling: SamplingParams
     position: int              # absolute index of the first token to draft (= len(tokens))
-    want_logits: bool = False  # ship draft logits for sampled or cascade verification
+    ship_top_k: int = 0        # ship q′ over this many tokens per position; 0 = ship nothing
+    ship_raw: bool = False     # also ship temperature-1 q at the same indices (cascade decisions)
     stop_below: float = 0.0    # stop drafting early when the draft's top probability < this
 
 
@@ -39,7 +58,7 @@ class DraftRequest:
 class DraftResult:
     seq_id: str
     tokens: list[int]                      # drafted tokens, 1..γ of them
-    logits: torch.Tensor | None = None     # [len(tokens), vocab] DRAFT_LOGITS_DTYPE, when asked for
+    q: SparseDraft | None = None           # what the tokens were sampled from, when asked for
     draft_ms: float = 0.0                  # model compute time for this call
     replica: str = ""
 
@@ -50,7 +69,7 @@ class VerifyRequest:
     tokens: list[int]               # committed sequence (prompt + generated so far)
     draft_tokens: list[int]         # γ proposals to verify; empty = plain target step
     sampling: SamplingParams
-    draft_logits: torch.Tensor | None = None  # [γ, vocab]; None only for greedy speculative rounds
+    draft_q: SparseDraft | None = None  # q′ of the drafts; None only for greedy speculative rounds
     cascade: CascadeParams | None = None      # None = lossless speculative decoding
 
 
@@ -85,6 +104,8 @@ class RequestStats:
     draft_ms: float = 0.0
     verify_ms: float = 0.0
     exposed_draft_ms: float = 0.0  # draft compute the loop waited for (on the critical path)
+    drafted_ahead: int = 0         # tokens drafted during verification (bonus guess + block k+1)
+    discarded_draft_tokens: int = 0  # of those, thrown away because the assumption failed
     ttft_ms: float = 0.0
     total_ms: float = 0.0
     replicas: set[str] = field(default_factory=set)

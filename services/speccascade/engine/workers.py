@@ -13,7 +13,7 @@ import time
 import torch
 
 from speccascade import sampling
-from speccascade.engine.seam import (DRAFT_LOGITS_DTYPE, DraftRequest, DraftResult, VerifyRequest,
+from speccascade.engine.seam import (DraftRequest, DraftResult, SparseDraft, VerifyRequest,
                                      VerifyResult)
 from speccascade.models.runner import ModelRunner
 
@@ -44,18 +44,13 @@ class DraftWorker(_Worker):
         started = time.perf_counter()
         sequences = {r.seq_id: list(r.tokens) for r in requests}
         drafted: dict[str, list[int]] = {r.seq_id: [] for r in requests}
-        logits_out: dict[str, list[torch.Tensor]] = {r.seq_id: [] for r in requests}
+        shipped: dict[str, list[tuple]] = {r.seq_id: [] for r in requests}
         active = list(requests)
         step = 0
         while active:
             logits = self.runner.forward_batch(
                 [(r.seq_id, sequences[r.seq_id], 1) for r in active])  # [batch, 1, vocab]
-            wanted = [r.want_logits for r in active]
-            if any(wanted):  # greedy speculative batches ship no logits
-                shipped = torch.tensor(wanted)[:, None, None]  # [batch, 1, 1]
-                logits = torch.where(shipped, logits.to(DRAFT_LOGITS_DTYPE).to(logits.dtype), logits)
-            q = sampling.process_logits(logits, [r.sampling for r in active])  # [batch, 1, vocab]
-            tokens = self._sample(q[:, 0], active, step)  # [batch]
+            tokens, q_rows = self._sample(logits, active, step)  # [batch], per row q′ or None
             still_active = []
             for row, request in enumerate(active):
                 unsure = (request.stop_below > 0 and step > 0
@@ -65,8 +60,8 @@ class DraftWorker(_Worker):
                 token = int(tokens[row])
                 drafted[request.seq_id].append(token)
                 sequences[request.seq_id].append(token)
-                if request.want_logits:
-                    logits_out[request.seq_id].append(logits[row, 0].to(DRAFT_LOGITS_DTYPE))
+                if q_rows[row] is not None:
+                    shipped[request.seq_id].append(q_rows[row])
                 if len(drafted[request.seq_id]) < request.num_draft_tokens:
                     still_active.append(request)
             active = still_active
@@ -74,16 +69,50 @@ class DraftWorker(_Worker):
         elapsed = (time.perf_counter() - started) * 1000
         return [DraftResult(
             seq_id=r.seq_id, tokens=drafted[r.seq_id],
-            logits=torch.stack(logits_out[r.seq_id]) if r.want_logits else None,
+            q=self._stack(shipped[r.seq_id]) if shipped[r.seq_id] else None,
             draft_ms=elapsed, replica=self.replica_name) for r in requests]
 
     @staticmethod
-    def _sample(q: torch.Tensor, requests: list[DraftRequest], step: int) -> torch.Tensor:
-        if all(r.sampling.greedy for r in requests):
-            return q.argmax(-1)
-        generators = [sampling.round_generator(r.sampling.seed, r.position + step,
-                                               sampling.DRAFT_STREAM) for r in requests]
-        return sampling.sample(q, generators)
+    def _sample(logits: torch.Tensor, requests: list[DraftRequest], step: int):
+        """One draft step: tokens [batch] and, per row, the q′ it was sampled from as
+        (indices [k], probs [k], raw [k] | None), or None for a row that ships nothing.
+
+        Sampled rows draw from q′ = top-`ship_top_k` of their processed q (the full q when they
+        ship nothing); greedy rows take the argmax, which q′ always contains."""
+        q = sampling.process_logits(logits, [r.sampling for r in requests])[:, 0]  # [batch, vocab]
+        vocab = q.shape[-1]
+        k_rows = torch.tensor([r.ship_top_k or (0 if r.sampling.greedy else vocab)
+                               for r in requests])  # [batch]; 0 = greedy, ships nothing
+        greedy = torch.tensor([r.sampling.greedy for r in requests])  # [batch]
+        tokens = q.argmax(-1)  # [batch]
+        if int(k_rows.max()) == 0:
+            return tokens, [None] * len(requests)
+        indices, top = sampling.truncate_top_k(q, int(k_rows.max()))  # [batch, kmax]
+        # Rows with a smaller k keep the head of the sorted top-kmax, renormalized.
+        keep = torch.arange(indices.shape[1])[None, :] < k_rows[:, None]  # [batch, kmax]
+        probs = top * keep
+        probs = probs / probs.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        sampled = (~greedy).nonzero().squeeze(1).tolist()
+        if sampled:
+            generators = [sampling.round_generator(requests[i].sampling.seed,
+                                                   requests[i].position + step,
+                                                   sampling.DRAFT_STREAM) for i in sampled]
+            tokens[sampled] = sampling.sample_sparse(indices[sampled], probs[sampled], generators)
+        raw = None
+        if any(r.ship_raw for r in requests):  # temperature-1 q at the same indices
+            raw = logits[:, 0].float().softmax(-1).gather(-1, indices.long())  # [batch, kmax]
+        rows = []
+        for i, r in enumerate(requests):
+            k = r.ship_top_k
+            rows.append(None if k == 0 else (indices[i, :k], probs[i, :k],
+                                             raw[i, :k] if r.ship_raw else None))
+        return tokens, rows
+
+    @staticmethod
+    def _stack(rows: list[tuple]) -> SparseDraft:
+        indices, probs, raw = zip(*rows)
+        return SparseDraft(torch.stack(indices), torch.stack(probs),  # [len, k]
+                           None if raw[0] is None else torch.stack(raw))
 
 
 class VerifyWorker(_Worker):
@@ -123,38 +152,56 @@ class VerifyWorker(_Worker):
         return results
 
     @staticmethod
-    def _draft_probs(requests, drafts, gamma, vocab) -> torch.Tensor:
-        """q for every row: processed draft logits, or one-hot drafts for greedy rows sent without."""
-        q = torch.zeros(len(requests), gamma, vocab)  # [batch, γ, vocab]
-        for row, request in enumerate(requests):
-            n = len(request.draft_tokens)
-            if request.draft_logits is not None:
-                q[row, :n] = sampling.process_logits(request.draft_logits[None].float(),
-                                                     [request.sampling])[0]
-            else:
-                q[row, torch.arange(n), drafts[row, :n]] = 1.0
-        return q
+    def _sparse_batch(requests, drafts, gamma, field: str):
+        """The rows' shipped q′ (field "probs") or raw q ("raw") padded into (indices, values)
+        [batch, γ, kmax]. Rows that shipped nothing (greedy) get q′ = 1 at the drafted token."""
+        kmax = max([1] + [r.draft_q.indices.shape[1] for r in requests if r.draft_q is not None])
+        batch = len(requests)
+        indices = torch.zeros(batch, gamma, kmax, dtype=torch.long)  # [batch, γ, kmax]
+        values = torch.zeros(batch, gamma, kmax)  # [batch, γ, kmax]; padding adds 0
+        indices[:, :, 0] = drafts
+        num_drafts = torch.tensor([len(r.draft_tokens) for r in requests])
+        values[:, :, 0] = (torch.arange(gamma)[None, :] < num_drafts[:, None]).float()
+        for row, request in enumerate(requests):  # copy the payloads in; the math is batched
+            sparse = request.draft_q
+            if sparse is not None:
+                n, k = sparse.indices.shape
+                indices[row, :n, :k] = sparse.indices
+                values[row, :n, :k] = getattr(sparse, field)  # k ≥ 1: replaces the one-hot
+        return indices, values
 
-    @staticmethod
-    def _cascade(requests, p, q, p_logits, gamma, vocab):
+    @classmethod
+    def _draft_probs(cls, requests, drafts, gamma, vocab) -> torch.Tensor:
+        """q′ for every row [batch, γ, vocab]: exactly what its drafter sampled from."""
+        return sampling.sparse_to_dense(*cls._sparse_batch(requests, drafts, gamma, "probs"), vocab)
+
+    @classmethod
+    def _cascade(cls, requests, p, q, p_logits, gamma, vocab):
         """Replace p by π on the drafted positions of cascade rows. The deferral decision uses
-        temperature-1 probabilities (REFERENCE.md §3); the bonus position keeps p."""
+        temperature-1 probabilities (REFERENCE.md §3); the bonus position keeps p.
+
+        The draft side of every rule needs temperature-1 q only on q′'s support: max q (the
+        argmax is always in q′) and, for Token-V1, q(v) where q′(v) > 0 (π keeps q′(v)·1[v ∈ A]),
+        so the shipped `raw` at q′'s indices is the whole of what the rules read."""
         p = p.clone()
         deferred = torch.zeros(len(requests), gamma, dtype=torch.bool)  # [batch, γ]
         rows = [i for i, r in enumerate(requests) if r.cascade is not None and r.draft_tokens]
         if not rows:
             return p, deferred
-        q_raw = torch.zeros(len(rows), gamma, vocab)
-        for i, row in enumerate(rows):
-            n = len(requests[row].draft_tokens)
-            q_raw[i, :n] = requests[row].draft_logits.float().softmax(-1)
-            q_raw[i, n:] = 1.0 / vocab  # padding positions: any valid distribution
+        chosen = [requests[i] for i in rows]
+        if any(r.draft_q is None or r.draft_q.raw is None for r in chosen):
+            raise ValueError("cascade verification needs the draft's q′ with raw probabilities")
+        indices, raw = cls._sparse_batch(chosen, torch.zeros(len(rows), gamma, dtype=torch.long),
+                                         gamma, "raw")
+        q_raw = sampling.sparse_to_dense(indices, raw, vocab)  # [rows, γ, vocab]
         q_pad = q[rows].clone()
-        q_pad[q_pad.sum(-1) == 0] = 1.0 / vocab
+        empty = q_pad.sum(-1) == 0  # padding positions: any valid distribution
+        q_pad[empty] = 1.0 / vocab
+        q_raw[empty] = 1.0 / vocab
         pi, dfr = sampling.cascade_target(p[rows, :gamma], q_pad, p_logits[rows, :gamma].softmax(-1),
-                                          q_raw, [requests[row].cascade for row in rows])
-        for i, row in enumerate(rows):  # a row's bonus position (index n) keeps p
-            n = len(requests[row].draft_tokens)
-            p[row, :n] = pi[i, :n]
-            deferred[row, :n] = dfr[i, :n]
+                                          q_raw, [r.cascade for r in chosen])
+        # A row's bonus position (index n) keeps p: π only on drafted positions.
+        drafted = ~empty  # [rows, γ]
+        p[rows, :gamma] = torch.where(drafted[..., None], pi, p[rows, :gamma])
+        deferred[rows] = dfr & drafted
         return p, deferred

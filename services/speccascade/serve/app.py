@@ -5,7 +5,9 @@
 
 Drafter and Verifier route with Ray's ConsistentHashRouter on the request id (KV-cache affinity);
 the Router is the ingress of both doors: gRPC (Serve's gRPC proxy calls its methods by RPC name)
-and HTTP (serve.http's FastAPI routes through `serve.ingress`). The classes stay plain Python.
+and HTTP (serve.http's FastAPI routes through `serve.ingress`). The classes stay plain Python. The
+transport options (`ServiceConfig.transport`) become replica env vars here and handle options in
+serve.remote.
 """
 from __future__ import annotations
 
@@ -37,10 +39,11 @@ def build_app(config: "ServiceConfig | dict | None") -> Application:
     One parameter and no pydantic annotation, as Serve requires of an application builder."""
     cfg = ServiceConfig.load(config)
     data = cfg.model_dump()  # plain data crosses to the replicas; each one re-validates it
+    models_env = cfg.transport.env_vars(calls_handles=False)
     drafter = serve.deployment(Drafter, name="Drafter").options(
-        **cfg.drafter.serve_options(), request_router_config=_affinity(cfg))
+        **cfg.drafter.serve_options(models_env), request_router_config=_affinity(cfg))
     verifier = serve.deployment(Verifier, name="Verifier").options(
-        **cfg.verifier.serve_options(), request_router_config=_affinity(cfg))
+        **cfg.verifier.serve_options(models_env), request_router_config=_affinity(cfg))
     router = serve.deployment(RouterIngress, name="Router").options(
-        **cfg.router.serve_options())
+        **cfg.router.serve_options(cfg.transport.env_vars(calls_handles=True)))
     return router.bind(drafter.bind(data), verifier.bind(data), data)

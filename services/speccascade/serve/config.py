@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from speccascade.engine.seam import DEFAULT_DRAFT_AHEAD_WASTE_COST, DEFAULT_DRAFT_TOP_K
 from speccascade.models.loader import default_pair_paths
 
 # "auto": bfloat16 where the device computes it natively and it measured faster, else float32.
@@ -62,11 +63,14 @@ class DeploymentSpec(_Strict):
             data = {**data, "num_replicas": None}
         return data
 
-    def serve_options(self) -> dict[str, Any]:
-        """Keyword arguments for `Deployment.options`."""
+    def serve_options(self, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options`; `env_vars` go into the runtime_env."""
+        actor_options = self.ray_actor_options.model_dump()
+        if env_vars:
+            actor_options["runtime_env"] = {"env_vars": dict(env_vars)}
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
-            "ray_actor_options": self.ray_actor_options.model_dump(),
+            "ray_actor_options": actor_options,
             "health_check_period_s": self.health_check_period_s,
             "logging_config": {"enable_access_log": self.access_log},
         }
@@ -75,6 +79,36 @@ class DeploymentSpec(_Strict):
         else:
             options["num_replicas"] = self.num_replicas
         return options
+
+
+class TransportSpec(_Strict):
+    """How the router's calls reach the drafter and verifier (REFERENCE.md §9). Everything stays
+    a Serve handle call, so routing (consistent hashing on the request id), queue accounting for
+    autoscaling and fail-over are Serve's; these options only cut its per-call overhead."""
+    # False: Serve's interdeployment gRPC, one HTTP/2 round trip instead of a streaming actor
+    # call plus an object fetch (4 MiB message cap; a round ships a few KB).
+    by_reference: bool = False
+    serialization: Literal["cloudpickle", "pickle"] = "pickle"  # our payloads are plain data
+    # RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in every deployment: user code on the replica's
+    # main loop (no hop between loops). Model calls stay on the replica's forward thread.
+    user_code_on_main_loop: bool = True
+    # RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 in the router: its handles route on its own loop.
+    router_on_main_loop: bool = True
+
+    def handle_options(self) -> dict[str, Any]:
+        """Keyword arguments for `DeploymentHandle.options` on the router's calls."""
+        return {"_by_reference": self.by_reference,
+                "request_serialization": self.serialization,
+                "response_serialization": self.serialization}
+
+    def env_vars(self, calls_handles: bool) -> dict[str, str]:
+        """Replica env vars (read when the replica imports Serve; set through runtime_env)."""
+        env = {}
+        if self.user_code_on_main_loop:
+            env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
+        if calls_handles and self.router_on_main_loop:
+            env["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] = "0"
+        return env
 
 
 class ServiceConfig(_Strict):
@@ -121,6 +155,14 @@ class ServiceConfig(_Strict):
     # 0 = strict affinity: a busy replica makes the call wait rather than go to a replica that
     # lacks the sequence's KV cache (a re-prefill, and a stale entry left behind).
     num_fallback_replicas: int = Field(0, ge=0)
+    # -- data path ---------------------------------------------------------------------------
+    transport: TransportSpec = Field(default_factory=TransportSpec)
+    # Sampled rounds ship the draft's q truncated to its top k tokens (q′, what it samples from).
+    # 256 keeps acceptance within 0.01 of the full q at T 0.8 on the default pair (README).
+    draft_top_k: int = Field(DEFAULT_DRAFT_TOP_K, ge=1)
+    # Share of a discarded draft-ahead's compute that delays verification: 0 = drafter on its own
+    # device (always draft ahead), 1 = fully shared cores (draft ahead only when likely used).
+    draft_ahead_waste_cost: float = Field(DEFAULT_DRAFT_AHEAD_WASTE_COST, ge=0, le=1)
 
     @model_validator(mode="after")
     def _check(self) -> "ServiceConfig":
@@ -134,6 +176,13 @@ class ServiceConfig(_Strict):
             spec: DeploymentSpec = getattr(self, role)
             if spec.max_ongoing_requests < spec.max_batch_size:
                 raise ValueError(f"{role}.max_ongoing_requests must be >= {role}.max_batch_size")
+            # A request keeps at most one call in flight per deployment (serve.remote) and holds
+            # a KV entry on one replica; that replica must never reject it (≥ 25 ms backoff) —
+            # even when every live sequence of the replica has a call queued, plus releases.
+            if spec.max_ongoing_requests < self.max_live_seqs:
+                raise ValueError(f"{role}.max_ongoing_requests ({spec.max_ongoing_requests}) must "
+                                 f"be >= max_live_seqs ({self.max_live_seqs}), so the replica "
+                                 f"holding a request's KV cache never rejects its call")
         return self
 
     def model_paths(self) -> tuple[Path, Path]:

@@ -32,8 +32,15 @@ REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableErr
 
 
 class _Remote:
-    def __init__(self, handle, session_id: str, *, attempts: int, backoff_s: float):
-        self._handle = handle.options(session_id=session_id)
+    method = ""  # the deployment method behind the seam call
+
+    def __init__(self, handle, session_id: str, *, attempts: int, backoff_s: float,
+                 transport: dict | None = None):
+        # Handles are built once per request, not per round (`options` copies a handle).
+        # `transport`: ServiceConfig.transport.handle_options(), e.g. interdeployment gRPC.
+        base = handle.options(session_id=session_id, **(transport or {}))
+        self._handle = base.options(method_name=self.method)
+        self._release_handle = base.options(method_name="release")
         self._session_id = session_id
         self._attempts = attempts
         self._backoff_s = backoff_s
@@ -43,16 +50,15 @@ class _Remote:
         async with self._one_at_a_time:
             return await handle.remote(*args)
 
-    async def _call(self, method: str, *args):
-        handle = self._handle.options(method_name=method)
+    async def _call(self, *args):
         for attempt in range(self._attempts + 1):
             try:
-                return await self._send(handle, *args)
+                return await self._send(self._handle, *args)
             except REPLICA_LOST as error:
                 if attempt == self._attempts:
-                    raise ReplicaFailedError(f"{method} failed {attempt + 1} times: "
+                    raise ReplicaFailedError(f"{self.method} failed {attempt + 1} times: "
                                              f"{type(error).__name__}") from error
-                logger.warning("%s of %s: replica lost (%s), sending again", method,
+                logger.warning("%s of %s: replica lost (%s), sending again", self.method,
                                self._session_id, type(error).__name__)
                 # Until Serve notices the death the ring may still name the dead replica.
                 await asyncio.sleep(self._backoff_s * 2 ** attempt)
@@ -61,17 +67,20 @@ class _Remote:
         # No retry: a replica that died took the sequence's cache with it. Sent from an empty
         # context, i.e. not as a child call of the request: Serve cancels the in-flight child calls
         # of a cancelled request (client cancel or deadline), and this call must still arrive.
-        handle = self._handle.options(method_name="release")
-        call = asyncio.get_running_loop().create_task(self._send(handle, seq_id),
+        call = asyncio.get_running_loop().create_task(self._send(self._release_handle, seq_id),
                                                       context=contextvars.Context())
         await asyncio.shield(call)
 
 
 class RemoteDrafter(_Remote):
+    method = "draft"
+
     async def draft(self, request: DraftRequest) -> DraftResult:
-        return await self._call("draft", request)
+        return await self._call(request)
 
 
 class RemoteVerifier(_Remote):
+    method = "verify"
+
     async def verify(self, request: VerifyRequest) -> VerifyResult:
-        return await self._call("verify", request)
+        return await self._call(request)

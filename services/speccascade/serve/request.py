@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from speccascade.engine.loop import GenerationRequest, Mode
+from speccascade.engine.seam import DEFAULT_DRAFT_AHEAD_WASTE_COST, DEFAULT_DRAFT_TOP_K
 from speccascade.sampling import (CascadeParams, DeferralRule, ParamError, SamplingParams,
                                   validate_num_draft_tokens)
 from speccascade.serve.config import ServiceConfig
@@ -34,6 +35,8 @@ class Limits:
     max_stop_strings: int
     max_stop_string_chars: int
     max_message_bytes: int
+    draft_top_k: int = DEFAULT_DRAFT_TOP_K
+    draft_ahead_waste_cost: float = DEFAULT_DRAFT_AHEAD_WASTE_COST
 
     @classmethod
     def from_config(cls, config: ServiceConfig, *, vocab_size: int, max_seq_len: int) -> "Limits":
@@ -44,7 +47,9 @@ class Limits:
                    max_num_draft_tokens=config.max_num_draft_tokens,
                    max_stop_strings=config.max_stop_strings,
                    max_stop_string_chars=config.max_stop_string_chars,
-                   max_message_bytes=config.max_message_bytes)
+                   max_message_bytes=config.max_message_bytes,
+                   draft_top_k=config.draft_top_k,
+                   draft_ahead_waste_cost=config.draft_ahead_waste_cost)
 
 
 @dataclass(frozen=True)
@@ -188,4 +193,5 @@ def to_generation_request(msg: RequestFields | pb.GenerateRequest | Undecodable,
         stop=_stop(msg, limits), eos_token_ids=frozenset() if eos is None else frozenset([eos]),
         pipelined=True if msg.pipelined is None else bool(msg.pipelined),
         adaptive=msg.adaptive_num_draft_tokens, max_num_draft_tokens=limits.max_num_draft_tokens,
-        draft_stop_below=float(msg.draft_stop_below), max_seq_len=limits.max_seq_len)
+        draft_stop_below=float(msg.draft_stop_below), max_seq_len=limits.max_seq_len,
+        draft_top_k=limits.draft_top_k, draft_ahead_waste_cost=limits.draft_ahead_waste_cost)

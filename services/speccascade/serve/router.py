@@ -47,7 +47,8 @@ def stats_message(stats: RequestStats) -> pb.GenerationStats:
         mean_accepted_length=stats.mean_accepted_length, deferrals=stats.deferrals,
         ttft_ms=stats.ttft_ms, total_ms=stats.total_ms, draft_ms=stats.draft_ms,
         verify_ms=stats.verify_ms, overlap_fraction=stats.overlap_fraction,
-        acceptance_rate=stats.acceptance_rate, replicas=sorted(stats.replicas))
+        acceptance_rate=stats.acceptance_rate, replicas=sorted(stats.replicas),
+        drafted_ahead=stats.drafted_ahead, discarded_draft_tokens=stats.discarded_draft_tokens)
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -103,6 +104,7 @@ class Router:
             max_seq_len=min(target.max_position_embeddings, draft.max_position_embeddings))
         self._inflight = 0
         self._metrics = RouterMetrics()
+        self._transport = cfg.transport.handle_options()
 
     # -- RPCs --------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
@@ -217,6 +219,19 @@ class Router:
             return False, errors.status_for(exc)[1], ({}, {})
         return True, "serving", (draft, target)
 
+    async def rpc_floor(self, calls: int = 100) -> dict[str, float]:
+        """Median round trip (ms) of an empty call to the verifier, timed in this replica over
+        the transport the rounds use (same handle options and replica env vars); bench.measure."""
+        handle = self._verifier.options(session_id="bench-rpc-floor", method_name="stats",
+                                        **self._transport)
+        times = []
+        for _ in range(calls + 1):  # the first call warms the connection up
+            started = time.perf_counter()
+            await handle.remote()
+            times.append((time.perf_counter() - started) * 1000)
+        times = sorted(times[1:])
+        return {"median_ms": times[len(times) // 2], "calls": calls}
+
     # -- helpers -----------------------------------------------------------------------------
     async def _deltas(self, message: pb.GenerateRequest | RequestFields,
                       validated: list | None = None) -> AsyncIterator[Delta]:
@@ -236,7 +251,8 @@ class Router:
             if validated is not None:
                 validated.append(request)
             retry = dict(attempts=self.config.replica_retry_attempts,
-                         backoff_s=self.config.replica_retry_backoff_s)
+                         backoff_s=self.config.replica_retry_backoff_s,
+                         transport=self._transport)
             drafter = RemoteDrafter(self._drafter, request.request_id, **retry)
             verifier = RemoteVerifier(self._verifier, request.request_id, **retry)
             last = time.perf_counter()
