@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import free_port
-from speccascade.bench import bounds
+from speccascade.bench import bounds, profile
 
 
 def test_expected_tokens_matches_its_series():
@@ -60,6 +60,10 @@ def test_quick_bench_runs_end_to_end(tmp_path):
     assert {"TARGET", "DRAFT", "SPECULATIVE sequential", "SPECULATIVE pipelined"} <= set(speed)
     assert all(s["tokens"] > 0 for s in speed.values())
     assert speed["SPECULATIVE pipelined"]["mean_accepted_length"] >= 1.0
+    # pipelined: true drafts ahead every round it can; pipelined: false never does
+    assert speed["SPECULATIVE always ahead"]["round_drafted_ahead"] > 0
+    assert speed["SPECULATIVE sequential"]["round_drafted_ahead"] == 0
+    assert "Draft-ahead (" in text
     cascades = results["service"]["cascade"]
     assert {c["fields"].get("deferral_rule") for c in cascades.values()} >= {
         "CHOW", "DIFF", "OPT", "TOKEN_V1", "TOKEN_V2", "TOKEN_V3"}
@@ -74,3 +78,22 @@ def test_quick_bench_runs_end_to_end(tmp_path):
     assert all(set(levels) == {"1", "4"} for levels in concurrency.values())
     assert concurrency["SPECULATIVE"]["4"]["mean_batch_size"]["verifier"] >= 1.0
     assert 0 < results["runner_overhead"]["target"]["forward_ms"]
+    # the router was profiled, and our own frames were seen on its stacks
+    profile = results["service"]["router_profile"]
+    assert profile["samples"] > 0 and 0 < profile["speccascade_on_stack"] <= 1
+    assert "Router profile (py-spy" in text and "### What limits the goals not met" in text
+    # `bench report` re-renders the same markdown from results.json alone
+    again = tmp_path / "again.md"
+    subprocess.run([sys.executable, "-m", "speccascade.cli", "bench", "report", "--results",
+                    str(out / "results.json"), "--markdown", str(again)], check=True, timeout=120)
+    assert again.read_text().replace(str(again.parent), "") == text.replace(str(markdown.parent), "")
+
+
+def test_profile_summary_charges_the_innermost_frame():
+    raw = ("main (/x/speccascade/serve/router.py:10);call (/v/ray/serve/handle.py:5) 30\n"
+           "main (/x/speccascade/serve/router.py:10);_run (/v/asyncio/events.py:80) 10\n"
+           "_run (/v/asyncio/events.py:80);get (/v/ray/_raylet.pyx:1) 60\n")
+    summary = profile.summarize(raw)
+    assert summary["samples"] == 100
+    assert summary["self_share"] == {"Ray core": 0.6, "Ray Serve": 0.3, "asyncio": 0.1}
+    assert summary["speccascade_on_stack"] == pytest.approx(0.4)

@@ -65,9 +65,13 @@ def test_draft_ahead_only_when_it_pays_and_output_is_unchanged(engine, tiny_twin
     runs = {cost: run(engine, Mode.SPECULATIVE, PROMPTS[:4], 40, sampling=params,
                       draft_ahead_waste_cost=cost) for cost in (0.0, 1.0)}
     sequential = run(engine, Mode.SPECULATIVE, PROMPTS[:4], 40, sampling=params, pipelined=False)
-    for always, gated, seq in zip(runs[0.0], runs[1.0], sequential):
-        assert always.token_ids == gated.token_ids == seq.token_ids
+    # pipelined=True overrides the gate: it drafts ahead as the zero-cost gate does (always)
+    forced = run(engine, Mode.SPECULATIVE, PROMPTS[:4], 40, sampling=params, pipelined=True,
+                 draft_ahead_waste_cost=1.0)
+    for always, gated, seq, force in zip(runs[0.0], runs[1.0], sequential, forced):
+        assert always.token_ids == gated.token_ids == seq.token_ids == force.token_ids
         assert seq.stats.drafted_ahead == 0
+        assert force.stats.drafted_ahead == always.stats.drafted_ahead
     ahead = {cost: sum(r.stats.drafted_ahead for r in rs) for cost, rs in runs.items()}
     wasted = {cost: sum(r.stats.discarded_draft_tokens for r in rs) for cost, rs in runs.items()}
     # random tiny pair: acceptance is low, so always drafting ahead mostly wastes; gating drafts less

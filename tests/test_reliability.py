@@ -53,13 +53,13 @@ def references(service):
 
 # -- helpers -----------------------------------------------------------------------------------
 def wait_idle(client, *, replicas: int = 4, deadline_s: float = 90) -> pb.StatsResponse:
-    """Stats once no request is in flight, no replica holds a KV entry and `replicas` answer."""
+    """Stats once no request is in flight, no replica holds a KV entry or KV token and `replicas` answer."""
     end = time.monotonic() + deadline_s
     while True:
         try:
             stats = client.stats()
             if (stats.router_inflight == 0 and len(stats.replicas) == replicas
-                    and all(r.live_sequences == 0 for r in stats.replicas)):
+                    and all(r.live_sequences == 0 and r.kv_tokens_used == 0 for r in stats.replicas)):
                 return stats
         except grpc.RpcError:
             stats = None  # the router or a replica is being replaced

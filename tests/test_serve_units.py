@@ -139,7 +139,7 @@ def test_valid_request_converts(tokenizer, limits):
 
 def test_defaults(tokenizer, limits):
     request = convert(tokenizer, limits)
-    assert request.mode == Mode.SPECULATIVE and request.cascade is None and request.pipelined
+    assert request.mode == Mode.SPECULATIVE and request.cascade is None and request.pipelined is None
     assert request.sampling.greedy and request.sampling.top_p == 1.0
     assert not request.adaptive and request.draft_stop_below == 0.0
     other = convert(tokenizer, limits)

@@ -8,6 +8,7 @@ from speccascade.models.loader import default_pair_paths
 
 MODES = ["target", "draft", "speculative", "cascade"]
 RULES = ["chow", "diff", "opt", "token_v1", "token_v2", "token_v3"]
+PIPELINE = {"auto": None, "always": True, "never": False}  # GenerationRequest.pipelined
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +26,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                         help="cascade lenience α, deferral_threshold (default: the rule's SD end); "
                         "README 'Choosing α' lists per rule the α that keeps quality within 1 %% of TARGET")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--no-pipeline", action="store_true", help="draft and verify in turn")
+    parser.add_argument("--pipeline", choices=PIPELINE, default="auto",
+                        help="draft block k+1 while block k is verified: auto = when the running "
+                        "acceptance says it pays, always, or never (draft and verify in turn)")
 
 
 def _generate(args) -> None:
@@ -48,7 +51,7 @@ def _generate(args) -> None:
             sampling=SamplingParams(args.temperature, args.top_k, args.top_p,
                                     random.getrandbits(63) if args.seed is None else args.seed),
             cascade=cascade if args.mode == "cascade" else None, stop=tuple(args.stop),
-            pipelined=not args.no_pipeline)
+            pipelined=PIPELINE[args.pipeline])
     except ValueError as error:  # bad request options: say which, without a traceback
         sys.exit(f"speccascade generate: {error}")
     [result] = engine.generate([request])
@@ -84,7 +87,8 @@ def _add_pair_args(parser: argparse.ArgumentParser) -> None:
     target, draft = default_pair_paths()
     parser.add_argument("--target", default=str(target), help="local HF checkpoint (default: embedded)")
     parser.add_argument("--draft", default=str(draft), help="local HF checkpoint (default: embedded)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"],
+                        help="auto (default): bf16 where measured faster on a native-bf16 device, else fp32")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
 
 

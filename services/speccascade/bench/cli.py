@@ -39,6 +39,21 @@ def add_bench_parser(subparsers) -> None:
     frontier.add_argument("--draft", default=None, help="local checkpoint (default: embedded pair)")
     frontier.add_argument("--dtype", default=None, help="service replicas (default: the config's)")
     frontier.set_defaults(func=_frontier)
+    report = sub.add_parser("report", help="re-render the markdown and plots from a results.json "
+                            "(measures nothing)")
+    report.add_argument("--results", default="benchmarks/results.json")
+    report.add_argument("--markdown", default="BENCHMARKS.md")
+    report.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> None:
+    import json
+
+    from speccascade.bench.report import write
+
+    results = Path(args.results)
+    write(json.loads(results.read_text()), results.parent, Path(args.markdown))
+    print(f"wrote {args.markdown} and plots in {results.parent} from {results}")
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -9,12 +9,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from speccascade.bench.limits import explain  # noqa: E402
+
 COMMAND = "make bench   # = speccascade bench --out benchmarks --markdown BENCHMARKS.md"
 
 
 def _speed_table(speed: dict) -> list[str]:
     rows = ["| configuration | tokens/s | TTFT p50 ms | ITL p50 / p95 ms | mean accepted length | "
-            "round: draft / hidden / verify / other ms | overlap | discarded drafts / round |",
+            "round: draft / hidden / verify / other ms | overlap | drafted ahead / discarded, tokens per round |",
             "|---|---:|---:|---:|---:|---|---:|---:|"]
     for name, s in speed.items():
         other = s["round_ms"] - s["round_verify_ms"] - s["round_draft_ms"] + s["round_hidden_draft_ms"]
@@ -22,8 +24,29 @@ def _speed_table(speed: dict) -> list[str]:
                     f"{s['itl_ms_p50']:.1f} / {s['itl_ms_p95']:.1f} | {s['mean_accepted_length']:.2f} | "
                     f"{s['round_draft_ms']:.1f} / {s['round_hidden_draft_ms']:.1f} / "
                     f"{s['round_verify_ms']:.1f} / {other:.1f} | {s['overlap_fraction']:.2f} | "
-                    f"{s.get('round_discarded_draft_tokens', 0.0):.2f} |")
+                    f"{s.get('round_drafted_ahead', 0.0):.2f} / {s.get('round_discarded_draft_tokens', 0.0):.2f} |")
     return rows
+
+
+def _profile_line(p: dict) -> str:
+    shares = ", ".join(f"{name} {share:.0%}" for name, share in p["self_share"].items())
+    return (f"Router profile (py-spy, {p['samples']} samples at {p['rate_hz']} Hz over "
+            f"{p['seconds']:g} s of single-stream greedy SPECULATIVE; each sample charged to the "
+            f"library of its innermost Python frame): {shares}. speccascade's code is on the stack "
+            f"in {p['speccascade_on_stack']:.0%} of samples.")
+
+
+def _draft_ahead_line(ahead: dict) -> str:
+    parts = []
+    for kind, runs in ahead.items():
+        g, a, n = runs["gated"], runs["always"], runs["never"]
+        parts.append(f"{kind}: gated {g['tokens_per_s']:.1f} tok/s drafting {g['drafted_ahead']:.2f} "
+                     f"tokens ahead per round and discarding {g['discarded']:.2f}; always "
+                     f"{a['tokens_per_s']:.1f} tok/s, {a['drafted_ahead']:.2f} ahead, "
+                     f"{a['discarded']:.2f} discarded; never {n['tokens_per_s']:.1f} tok/s")
+    return ("Draft-ahead (the default drafts block k+1 during verification only when the running "
+            "acceptance says it will likely be used; `pipelined: true` always does): "
+            + "; ".join(parts) + ".")
 
 
 def _cascade_table(cascades: dict, sequential: dict, target_latency: float) -> list[str]:
@@ -176,7 +199,8 @@ def write(results: dict, out_dir: Path, markdown: Path) -> None:
     floor = results["rpc_floor_ms"]
     over = results["runner_overhead"]
     speed_cpu = {name: svc["speed"][name] for name in ("TARGET", "SPECULATIVE sequential",
-                                                       "SPECULATIVE pipelined")}
+                                                       "SPECULATIVE pipelined",
+                                                       "SPECULATIVE always ahead")}
     sampled_cpu = {name: c for name, c in svc["sampled"].items()
                    if not name.endswith("SD end") or name.startswith("CASCADE DIFF")}
     gpu = out_dir / "gpu_check-cuda.md"  # written by `make gpu-check` on a lent GPU
@@ -203,11 +227,14 @@ def write(results: dict, out_dir: Path, markdown: Path) -> None:
         "RPC floor in this run (median empty call, the transport the router uses): "
         + f"router → verifier {floor['router_to_verifier']:.2f} ms, raw Ray actor call {floor['raw_ray_actor']:.2f} ms"
         + ". Every round waits for at least one verifier call.", "",
+        _profile_line(svc["router_profile"]), "",
         f"Runner cost outside the model forward, batch of {over['target']['batch']} (in process): "
         f"target {over['target']['runner_ms']:.1f} ms per call of which forward "
         f"{over['target']['forward_ms']:.1f} ms ({over['target']['outside_fraction']:.0%} outside); "
         f"draft {over['draft']['runner_ms']:.2f} ms, forward {over['draft']['forward_ms']:.2f} ms "
         f"({over['draft']['outside_fraction']:.0%} outside).", "",
+        _draft_ahead_line(d["draft_ahead"]), "",
+        "### What limits the goals not met (this run's numbers)", "", *explain(results), "",
         f"Adaptive γ against the best fixed γ ({d['best_fixed_gamma']}): "
         + ", ".join(f"{name} {ratio:.2f}×" for name, ratio in d["adaptive_over_best_fixed"].items())
         + ".", "",

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from speccascade.bench import bounds
+from speccascade.bench import bounds, profile
 from speccascade.bench import service
 from speccascade.bench.host import cpu_features, runner_overhead
-from speccascade.bench.measure import rpc_floor_ms
+from speccascade.bench.measure import rpc_floor_ms, stream_one
 from speccascade.bench.peers import engine_generate, hf_generate, sequential_cascade
 from speccascade.bench.workload import quality_tasks, throughput_prompts
 from speccascade.models.evaluate import (LINE_TOKENS, edit_similarity, exact_match, predicted_line,
@@ -36,6 +36,7 @@ class BenchPlan:
     alphas_per_rule: int = 4
     streams: tuple[int, ...] = (1, 2, 4, 8, 16)
     requests_per_stream: int = 2
+    profile_seconds: float = 20.0   # py-spy on the router under single-stream SPECULATIVE
     grpc_port: int = 9123
     http_port: int = 8123       # Serve always starts its HTTP proxy: not 8000, which others use
     target: str | None = None   # local checkpoint paths; None = the embedded default pair
@@ -45,7 +46,7 @@ class BenchPlan:
     @classmethod
     def quick(cls) -> "BenchPlan":
         return cls(prompts=2, new_tokens=16, gammas=(2,), quality_tasks=3, alphas_per_rule=2,
-                   streams=(1, 4), requests_per_stream=1)
+                   streams=(1, 4), requests_per_stream=1, profile_seconds=2.0)
 
 
 def alpha_sweep(rule: DeferralRule, count: int) -> list[float]:
@@ -142,11 +143,25 @@ def _service_runs(client, plan, prompts, tasks, target, engine) -> dict:
     # cascade at its SD end) against TARGET, token for token, and where they part if they do.
     out["greedy_vs_target"] = {name: service.first_divergence(greedy["TARGET"], ids)
                                for name, ids in greedy.items() if name not in ("TARGET", "DRAFT")}
+    out["router_profile"] = _router_profile(client, plan, prompts)
     out["sampled"], _ = service.measure_configs(client, prompts, service.sampled_configs(plan),
                                                 desc="service: sampled", max_new_tokens=plan.new_tokens)
     out["cascade"] = service.cascade_quality(client, plan, tasks, target, engine)
     out["concurrency"] = service.concurrency(client, plan, prompts)
     return out
+
+
+def _router_profile(client, plan, prompts) -> dict:
+    """py-spy on the router while single-stream greedy SPECULATIVE (the default) keeps it busy."""
+    fields = service.speed_configs(plan)["SPECULATIVE pipelined"]
+
+    def load(seconds: float) -> None:
+        started, i = time.time(), 0
+        while time.time() - started < seconds:
+            stream_one(client, prompts[i % len(prompts)], max_new_tokens=plan.new_tokens, **fields)
+            i += 1
+
+    return profile.record(client.stats().router_pid, plan.profile_seconds, load)
 
 
 def _sequential_cascades(plan, tasks, engine, target, draft) -> dict:
@@ -242,4 +257,12 @@ def derive(results: dict, plan: BenchPlan) -> dict:
                 (good.get(best_cascade, 0.0), 1.25, "≥", 17),
         },
         "best_cascade": best_cascade,
+        # The draft-ahead gate (default) against always drafting ahead: speed and waste.
+        "draft_ahead": {kind: {key: {"tokens_per_s": table[name]["tokens_per_s"],
+                                     "drafted_ahead": table[name].get("round_drafted_ahead", 0.0),
+                                     "discarded": table[name].get("round_discarded_draft_tokens", 0.0)}
+                               for key, name in (("gated", "SPECULATIVE pipelined"),
+                                                 ("always", "SPECULATIVE always ahead"),
+                                                 ("never", "SPECULATIVE sequential"))}
+                        for kind, table in (("greedy", speed), ("sampled", sampled))},
     }

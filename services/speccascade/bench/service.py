@@ -34,6 +34,9 @@ def speed_configs(plan) -> dict[str, dict]:
         "SPECULATIVE sequential": dict(mode="speculative", num_draft_tokens=plan.gamma,
                                        pipelined=False),
         "SPECULATIVE pipelined": dict(mode="speculative", num_draft_tokens=plan.gamma),
+        # The default above drafts ahead only when the running acceptance says it pays.
+        "SPECULATIVE always ahead": dict(mode="speculative", num_draft_tokens=plan.gamma,
+                                         pipelined=True),
     }
     for gamma in plan.gammas:
         configs[f"SPECULATIVE γ={gamma}"] = dict(mode="speculative", num_draft_tokens=gamma)
@@ -50,6 +53,8 @@ def sampled_configs(plan) -> dict[str, dict]:
         "SPECULATIVE sequential": dict(mode="speculative", num_draft_tokens=plan.gamma,
                                        pipelined=False, **SAMPLED),
         "SPECULATIVE pipelined": dict(mode="speculative", num_draft_tokens=plan.gamma, **SAMPLED),
+        "SPECULATIVE always ahead": dict(mode="speculative", num_draft_tokens=plan.gamma,
+                                         pipelined=True, **SAMPLED),
         **sd_end_cascades(plan.gamma, **SAMPLED),
         "CASCADE TOKEN_V3 α=0.5": dict(mode="cascade", deferral_rule="TOKEN_V3",
                                        deferral_threshold=0.5, num_draft_tokens=plan.gamma,

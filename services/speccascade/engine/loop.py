@@ -49,7 +49,9 @@ class GenerationRequest:
     cascade: CascadeParams | None = None      # required for CASCADE
     stop: tuple[str, ...] = ()
     eos_token_ids: frozenset[int] = frozenset()
-    pipelined: bool = True
+    # Draft block k+1 during verification: None = when the gate says it pays (draft_ahead_pays),
+    # True = always, False = never (draft and verify in turn).
+    pipelined: bool | None = None
     draft_stop_below: float = 0.0             # stop a draft block early when the draft is unsure
     max_seq_len: int = 1 << 30                # model context; blocks never run past it
     draft_top_k: int = DEFAULT_DRAFT_TOP_K    # k of the shipped q′ (sampled rounds)
@@ -193,8 +195,8 @@ async def _speculative_round(state: _State) -> list[int]:
     # 2. Verify it; meanwhile draft block k+1 assuming block k is accepted.
     verifying = asyncio.ensure_future(state.verifier.verify(VerifyRequest(
         r.request_id, state.committed, block.tokens, r.sampling, block.q, r.cascade)))
-    if (r.pipelined and state.transcript.remaining > len(block.tokens) + 1
-            and state.draft_ahead_pays(len(block.tokens))):
+    if (r.pipelined is not False and state.transcript.remaining > len(block.tokens) + 1
+            and (r.pipelined or state.draft_ahead_pays(len(block.tokens)))):
         base = state.committed + block.tokens
         # The bonus guess and block k+1, cut where they would run past the model context.
         ahead = min(gamma + 1, state.room(base))

@@ -74,13 +74,14 @@ def add_client_parser(subparsers) -> None:
 def _client(args) -> None:
     import grpc
 
+    from speccascade.cli import PIPELINE
     from speccascade.client import SpecCascadeClient
     from speccascade.sampling import SD_END, DeferralRule
 
     fields = dict(max_new_tokens=args.max_new_tokens, mode=args.mode,
                   num_draft_tokens=args.num_draft_tokens, temperature=args.temperature,
                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                  pipelined=not args.no_pipeline)
+                  pipelined=PIPELINE[args.pipeline])
     if args.mode == "cascade":
         rule = DeferralRule[args.rule.upper()]
         fields.update(deferral_rule=rule.name,

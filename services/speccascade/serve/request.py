@@ -191,7 +191,7 @@ def to_generation_request(msg: RequestFields | pb.GenerateRequest | Undecodable,
         request_id=request_id, prompt_ids=prompt_ids, max_new_tokens=msg.max_new_tokens,
         mode=mode, sampling=sampling, num_draft_tokens=gamma, cascade=_cascade(msg, mode),
         stop=_stop(msg, limits), eos_token_ids=frozenset() if eos is None else frozenset([eos]),
-        pipelined=True if msg.pipelined is None else bool(msg.pipelined),
+        pipelined=None if msg.pipelined is None else bool(msg.pipelined),
         adaptive=msg.adaptive_num_draft_tokens, max_num_draft_tokens=limits.max_num_draft_tokens,
         draft_stop_below=float(msg.draft_stop_below), max_seq_len=limits.max_seq_len,
         draft_top_k=limits.draft_top_k, draft_ahead_waste_cost=limits.draft_ahead_waste_cost)
