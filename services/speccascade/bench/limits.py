@@ -23,8 +23,10 @@ def _profile(p: dict) -> str:
     ray = share.get("Ray core", 0) + share.get("Ray Serve", 0) + share.get("grpc", 0)
     return (f"py-spy on the router ({p.get('samples', 0)} samples): {ray:.0%} of samples in Ray, "
             f"Serve and grpc frames (Ray's core worker is native code behind `ray/_raylet.pyx`), "
-            f"{share.get('speccascade', 0):.0%} in speccascade's own frames, asyncio "
-            f"{share.get('asyncio', 0):.0%}")
+            f"{share.get('speccascade', 0):.0%} in speccascade's own frames (on the stack in "
+            f"{p.get('speccascade_on_stack', 0):.0%}), asyncio {share.get('asyncio', 0):.0%}, thread "
+            f"run loops and pools (native calls below them) "
+            f"{share.get('thread run loops', 0) + share.get('thread pools', 0):.0%}")
 
 
 def _scaling(conc: dict, mode: str, many: int) -> str:

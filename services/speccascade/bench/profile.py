@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Callable
 
 # (label, path fragment), first match wins: our code before Serve before the rest of Ray.
-LIBRARIES = (("speccascade", "/speccascade/"), ("Ray Serve", "ray/serve/"), ("Ray core", "ray/"),
-             ("grpc", "grpc/"), ("asyncio", "asyncio/"), ("protobuf", "google/protobuf/"),
-             ("torch", "torch/"), ("transformers", "transformers/"))
+# Paths are full (`--full-filenames`); a thread's own run loop (threading.py, a thread pool) on top
+# means a native call below it: an event loop's select, or a wait.
+LIBRARIES = (("speccascade", "/speccascade/"), ("Ray Serve", "/ray/serve/"), ("Ray core", "/ray/"),
+             ("grpc", "/grpc/"), ("asyncio", "/asyncio/"), ("protobuf", "/google/protobuf/"),
+             ("torch", "/torch/"), ("transformers", "/transformers/"),
+             ("thread pools", "/concurrent/futures/"), ("thread run loops", "/threading.py"))
 
 
 def library(frame: str) -> str:
@@ -52,7 +55,7 @@ def record(pid: int, seconds: float, load: Callable[[float], object], rate: int 
     """Profile `pid` for `seconds` while `load(seconds + 1)` keeps it busy."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "profile.raw"
-        spy = subprocess.Popen([py_spy(), "record", "-p", str(pid), "-f", "raw", "-d",
+        spy = subprocess.Popen([py_spy(), "record", "-p", str(pid), "-f", "raw", "--full-filenames", "-d",
                                 str(max(1, round(seconds))), "-r", str(rate), "--nonblocking",
                                 "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         load(seconds + 1)

@@ -77,6 +77,7 @@ def main() -> None:
             "draft_ahead_waste_cost": config.draft_ahead_waste_cost}
         if args.py_spy:
             spy = subprocess.Popen([py_spy(), "record", "-p", str(pids["router"]), "-f", "raw",
+                                    "--full-filenames",
                                     "-d", str(int(args.seconds)), "-r", "100", "--nonblocking",
                                     "-o", args.py_spy],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
