@@ -13,6 +13,7 @@ import math
 import re
 import socket
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -314,6 +315,57 @@ def test_reflection_lists_generation_and_health(config, service):
         file_containing_symbol="grpc.health.v1.Health")]), timeout=30))
     assert found.file_descriptor_response.file_descriptor_proto  # grpcurl can describe it
 
+
+
+def _readme_grpcurl_calls() -> list[tuple[str, dict]]:
+    """(method, request JSON) of every `grpcurl … -d '{…}' … service/Method` in the README."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
+    calls = []
+    for line in readme.splitlines():
+        if line.lstrip().startswith("grpcurl "):
+            body = re.search(r"-d '([^']*)'", line)
+            calls.append((re.search(r"(\S+/\w+)", line.split("localhost:")[1]).group(1),
+                          json.loads(body.group(1)) if body else {}))
+    return calls
+
+
+def test_readme_grpcurl_calls_work_through_reflection_alone(config, service):
+    """What grpcurl does, without grpcurl (not installable here): learn the schema by reflection
+    only, parse the README's JSON with protobuf's JSON mapping, call the method by name."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    calls = _readme_grpcurl_calls()
+    assert {m for m, _ in calls} >= {"speccascade.v1.Generation/GenerateStream",
+                                      "grpc.health.v1.Health/Check"}
+    reflection = reflection_pb2_grpc.ServerReflectionStub(service.channel)
+    pool = descriptor_pool.DescriptorPool()
+    for method, body in calls:
+        service_name, method_name = method.split("/")
+        [found] = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol=service_name)]), timeout=30)
+        for raw in found.file_descriptor_response.file_descriptor_proto:  # dependencies too
+            proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
+            try:
+                pool.FindFileByName(proto.name)
+            except KeyError:
+                pool.Add(proto)
+        rpc = pool.FindServiceByName(service_name).FindMethodByName(method_name)
+        Request = message_factory.GetMessageClass(rpc.input_type)
+        Response = message_factory.GetMessageClass(rpc.output_type)
+        call = (service.channel.unary_stream if rpc.server_streaming else service.channel.unary_unary)(
+            f"/{method}", request_serializer=Request.SerializeToString,
+            response_deserializer=Response.FromString)
+        answers = list(call(json_format.ParseDict(body, Request()), timeout=120)) \
+            if rpc.server_streaming else [call(json_format.ParseDict(body, Request()), timeout=120)]
+        printed = [json_format.MessageToDict(a) for a in answers]  # what grpcurl would print
+        if method_name == "Check":
+            assert printed == [{"status": "SERVING"}]
+        else:
+            fields = {k: v for k, v in body.items() if k != "prompt"}
+            fields["mode"] = fields["mode"].lower()
+            expected = service.generate(body["prompt"], **fields).token_ids
+            assert [t for a in answers for t in a.token_ids] == list(expected)
 
 def _non_loopback_address() -> str | None:
     """This machine's address on its network (a UDP connect sends nothing), or None."""

@@ -56,15 +56,6 @@ def stream_one(client: SpecCascadeClient, prompt, **fields) -> Run:
                itl, stats)
 
 
-def run_sequential(client, prompts, progress=None, **fields) -> list[Run]:
-    runs = []
-    for prompt in prompts:
-        runs.append(stream_one(client, prompt, **fields))
-        if progress is not None:
-            progress.update()
-    return runs
-
-
 def run_concurrent(client, prompts, streams: int, **fields) -> tuple[list[Run], float]:
     """All prompts through `streams` concurrent streams; returns (runs, wall seconds)."""
     started = time.perf_counter()

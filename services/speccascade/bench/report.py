@@ -36,6 +36,17 @@ def _profile_line(p: dict) -> str:
             f"in {p['speccascade_on_stack']:.0%} of samples.")
 
 
+def _noise_line(speed: dict, gamma: int) -> str:
+    """The γ sweep repeats the default configuration: the two runs' gap is this run's noise."""
+    a, b = speed["SPECULATIVE pipelined"], speed.get(f"SPECULATIVE γ={gamma}")
+    if b is None:
+        return ""
+    return (f"Noise: `SPECULATIVE γ={gamma}` repeats `SPECULATIVE pipelined` (same fields, same "
+            f"prompts, measured at another time in this run): {b['tokens_per_s']:.1f} against "
+            f"{a['tokens_per_s']:.1f} tok/s ({b['tokens_per_s'] / a['tokens_per_s']:.2f}×). Read "
+            f"single-stream gaps smaller than that as noise.")
+
+
 def _draft_ahead_line(ahead: dict) -> str:
     parts = []
     for kind, runs in ahead.items():
@@ -235,6 +246,7 @@ def write(results: dict, out_dir: Path, markdown: Path) -> None:
         f"({over['draft']['outside_fraction']:.0%} outside).", "",
         _draft_ahead_line(d["draft_ahead"]), "",
         "### What limits the goals not met (this run's numbers)", "", *explain(results), "",
+        _noise_line(svc["speed"], results["plan"]["gamma"]), "",
         f"Adaptive γ against the best fixed γ ({d['best_fixed_gamma']}): "
         + ", ".join(f"{name} {ratio:.2f}×" for name, ratio in d["adaptive_over_best_fixed"].items())
         + ".", "",

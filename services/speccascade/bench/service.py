@@ -10,7 +10,7 @@ import os
 from tqdm import tqdm
 
 from speccascade.bench.measure import (cpu_ms_per_round, cpu_seconds_by_process, run_concurrent,
-                                       run_sequential, summarize)
+                                       stream_one, summarize)
 from speccascade.bench.peers import target_log_likelihood
 from speccascade.models.evaluate import LINE_TOKENS, edit_similarity, exact_match, predicted_line
 from speccascade.sampling import SD_END, DeferralRule
@@ -64,18 +64,26 @@ def sampled_configs(plan) -> dict[str, dict]:
 
 def measure_configs(client, prompts, configs: dict[str, dict], *, desc: str,
                     max_new_tokens: int) -> tuple[dict, dict]:
-    """Each configuration over all prompts, one at a time: (summaries, token ids per config)."""
-    summaries, outputs = {}, {}
+    """Every configuration over all prompts, one request at a time, interleaved (for each prompt,
+    every configuration in turn) so that a machine whose speed drifts during the run slows all of
+    them alike: (summaries, token ids per config)."""
+    runs: dict[str, list] = {name: [] for name in configs}
+    cpu: dict[str, dict[str, float]] = {name: {} for name in configs}
     with tqdm(total=len(configs) * len(prompts), desc=desc, unit="req") as bar:
-        for name, fields in configs.items():
-            before = cpu_seconds_by_process()
-            runs = run_sequential(client, prompts, bar, max_new_tokens=max_new_tokens, **fields)
-            after = cpu_seconds_by_process()
-            summary = summarize(runs)
-            summary["cpu_ms_per_round"] = cpu_ms_per_round(
-                before, after, sum(r.stats.get("rounds", 0) for r in runs))
-            summaries[name], outputs[name] = summary, [r.token_ids for r in runs]
-    return summaries, outputs
+        for prompt in prompts:
+            for name, fields in configs.items():
+                before = cpu_seconds_by_process()
+                runs[name].append(stream_one(client, prompt, max_new_tokens=max_new_tokens, **fields))
+                after = cpu_seconds_by_process()
+                for process, seconds in after.items():
+                    cpu[name][process] = cpu[name].get(process, 0.0) + seconds - before.get(process, 0.0)
+                bar.update()
+    summaries = {}
+    for name, done in runs.items():
+        summaries[name] = summarize(done)
+        summaries[name]["cpu_ms_per_round"] = cpu_ms_per_round(
+            {}, cpu[name], sum(r.stats.get("rounds", 0) for r in done))
+    return summaries, {name: [r.token_ids for r in done] for name, done in runs.items()}
 
 
 def first_divergence(reference: list[list[int]], other: list[list[int]]) -> dict:
@@ -102,11 +110,15 @@ def cascade_quality(client, plan, tasks, target, engine) -> dict:
             configs[f"{rule.name} α={alpha:g}"] = dict(
                 mode="cascade", deferral_rule=rule.name, deferral_threshold=alpha,
                 num_draft_tokens=plan.gamma)
-    out = {}
+    out, all_runs = {}, {name: [] for name in configs}
     with tqdm(total=len(configs) * len(tasks), desc="service: cascades", unit="task") as bar:
+        for task in tasks:  # interleaved, as in measure_configs
+            for name, fields in configs.items():
+                all_runs[name].append(stream_one(client, task.prompt, max_new_tokens=LINE_TOKENS,
+                                                 **fields))
+                bar.update()
         for name, fields in configs.items():
-            runs = run_sequential(client, [t.prompt for t in tasks], bar,
-                                  max_new_tokens=LINE_TOKENS, **fields)
+            runs = all_runs[name]
             preds = [predicted_line(r.text) for r in runs]
             answers = [t.answer for t in tasks]
             loglik = [target_log_likelihood(target, engine.encode(t.prompt), r.token_ids)
