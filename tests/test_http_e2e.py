@@ -322,7 +322,7 @@ def _readme_grpcurl_calls() -> list[tuple[str, dict]]:
     readme = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
     calls = []
     for line in readme.splitlines():
-        if line.lstrip().startswith("grpcurl "):
+        if line.lstrip().startswith("grpcurl -") and "localhost:" in line:
             body = re.search(r"-d '([^']*)'", line)
             calls.append((re.search(r"(\S+/\w+)", line.split("localhost:")[1]).group(1),
                           json.loads(body.group(1)) if body else {}))
