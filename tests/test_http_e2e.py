@@ -95,6 +95,8 @@ def test_greedy_completion_equals_grpc_generate(openai_client, service, tokenize
             assert choice.finish_reason == "length"
             stats = reply.model_extra["speccascade"]
             assert stats["rounds"] >= 1 and (stats["drafted"] > 0) == (mode == "speculative")
+            # every GenerationStats field, as the gRPC door reports it
+            assert set(stats) == {f.name for f in pb.GenerationStats.DESCRIPTOR.fields}
 
 
 def test_streamed_completion_equals_unary_and_ends_with_done(openai_client, config, service):

@@ -28,7 +28,7 @@ from speccascade.engine.seam import RequestStats
 from speccascade.sampling import DeferralRule, ParamError
 from speccascade.serve import errors
 from speccascade.serve.request import RequestFields
-from speccascade.serve.router import Router, is_loopback_host
+from speccascade.serve.router import Router, is_loopback_host, stats_message
 
 DEFAULT_MAX_TOKENS = 16       # OpenAI's default for completions
 DEFAULT_TEMPERATURE = 1.0     # OpenAI's default: sampled unless the client asks for 0
@@ -151,13 +151,10 @@ def _error(exc: Exception, names: dict[str, str]) -> JSONResponse:
 
 
 def stats_dict(stats: RequestStats) -> dict[str, Any]:
-    """The speculation stats, with the names of GenerationStats."""
-    return {"rounds": stats.rounds, "drafted": stats.drafted, "accepted": stats.accepted,
-            "mean_accepted_length": stats.mean_accepted_length, "deferrals": stats.deferrals,
-            "acceptance_rate": stats.acceptance_rate, "ttft_ms": stats.ttft_ms,
-            "total_ms": stats.total_ms, "draft_ms": stats.draft_ms,
-            "verify_ms": stats.verify_ms, "overlap_fraction": stats.overlap_fraction,
-            "replicas": sorted(stats.replicas)}
+    """The speculation stats: every field of the gRPC door's GenerationStats, by its name."""
+    message = stats_message(stats)
+    fields = {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
+    return {**fields, "replicas": list(fields["replicas"])}
 
 
 def _sse(data: dict | str) -> str:
