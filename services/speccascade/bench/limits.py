@@ -6,11 +6,15 @@ round by process, the RPC floor and the router's py-spy profile. Nothing here is
 from __future__ import annotations
 
 
+def other_ms(s: dict) -> float:
+    """A round's time outside verification and exposed (not hidden) drafting."""
+    return s["round_ms"] - s["round_verify_ms"] - s["round_draft_ms"] + s["round_hidden_draft_ms"]
+
+
 def _round(s: dict) -> str:
-    other = s["round_ms"] - s["round_verify_ms"] - s["round_draft_ms"] + s["round_hidden_draft_ms"]
     return (f"a round took {s['round_ms']:.1f} ms for {s['mean_accepted_length']:.2f} tokens: verify "
             f"{s['round_verify_ms']:.1f}, exposed draft {s['round_draft_ms'] - s['round_hidden_draft_ms']:.1f}, "
-            f"other {other:.1f}")
+            f"other {other_ms(s):.1f}")
 
 
 def _cpu(s: dict, top: int = 4) -> str:
@@ -45,7 +49,7 @@ def explain(results: dict) -> list[str]:
     d, svc, steps = results["derived"], results["service"], results["steps_ms"]
     speed, sampled, conc = svc["speed"], svc["sampled"], svc["concurrency"]
     pipe, seq = speed["SPECULATIVE pipelined"], speed["SPECULATIVE sequential"]
-    always = speed.get("SPECULATIVE always ahead", pipe)
+    always = speed["SPECULATIVE always ahead"]
     floor, prof = results["rpc_floor_ms"], svc.get("router_profile", {})
     why = {
         "median non-model time per round (ms)":

@@ -51,12 +51,14 @@ def py_spy() -> str:
     return shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
 
 
-def record(pid: int, seconds: float, load: Callable[[float], object], rate: int = 100) -> dict:
-    """Profile `pid` for `seconds` while `load(seconds + 1)` keeps it busy."""
+def record(pid: int, seconds: float, load: Callable[[float], object], rate: int = 100,
+           raw_out: str | Path | None = None) -> dict:
+    """Profile `pid` for `seconds` while `load(seconds + 1)` keeps it busy; `raw_out` also keeps
+    py-spy's raw output there (for flamegraph.pl)."""
     with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "profile.raw"
-        spy = subprocess.Popen([py_spy(), "record", "-p", str(pid), "-f", "raw", "--full-filenames", "-d",
-                                str(max(1, round(seconds))), "-r", str(rate), "--nonblocking",
+        out = Path(raw_out) if raw_out else Path(scratch) / "profile.raw"
+        spy = subprocess.Popen([py_spy(), "record", "-p", str(pid), "-f", "raw", "--full-filenames",
+                                "-d", str(max(1, round(seconds))), "-r", str(rate), "--nonblocking",
                                 "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         load(seconds + 1)
         _, err = spy.communicate(timeout=60)

@@ -12,11 +12,10 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import time
 
+from speccascade.bench import profile
 from speccascade.bench.measure import stream_one
-from speccascade.bench.profile import py_spy, summarize
 from speccascade.client import SpecCascadeClient
 from speccascade.serve import launch
 from speccascade.serve.config import ServiceConfig
@@ -76,14 +75,8 @@ def main() -> None:
                 sum(r.stats["discarded_draft_tokens"] for r in runs) / rounds,
             "draft_ahead_waste_cost": config.draft_ahead_waste_cost}
         if args.py_spy:
-            spy = subprocess.Popen([py_spy(), "record", "-p", str(pids["router"]), "-f", "raw",
-                                    "--full-filenames",
-                                    "-d", str(int(args.seconds)), "-r", "100", "--nonblocking",
-                                    "-o", args.py_spy],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            load(args.seconds + 1)
-            spy.wait(timeout=60)
-            result["router_profile"] = summarize(open(args.py_spy).read())
+            result["router_profile"] = profile.record(pids["router"], args.seconds, load,
+                                                      raw_out=args.py_spy)
         print(json.dumps(result, indent=1))
         client.close()
     finally:

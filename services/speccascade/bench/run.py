@@ -257,12 +257,4 @@ def derive(results: dict, plan: BenchPlan) -> dict:
                 (good.get(best_cascade, 0.0), 1.25, "≥", 17),
         },
         "best_cascade": best_cascade,
-        # The draft-ahead gate (default) against always drafting ahead: speed and waste.
-        "draft_ahead": {kind: {key: {"tokens_per_s": table[name]["tokens_per_s"],
-                                     "drafted_ahead": table[name].get("round_drafted_ahead", 0.0),
-                                     "discarded": table[name].get("round_discarded_draft_tokens", 0.0)}
-                               for key, name in (("gated", "SPECULATIVE pipelined"),
-                                                 ("always", "SPECULATIVE always ahead"),
-                                                 ("never", "SPECULATIVE sequential"))}
-                        for kind, table in (("greedy", speed), ("sampled", sampled))},
     }
