@@ -77,6 +77,20 @@ def test_quick_bench_runs_end_to_end(tmp_path):
     assert set(concurrency) == {"TARGET", "SPECULATIVE"}
     assert all(set(levels) == {"1", "4"} for levels in concurrency.values())
     assert concurrency["SPECULATIVE"]["4"]["mean_batch_size"]["verifier"] >= 1.0
+    # The speculation-control sweep: every configuration at every stream count, greedy and
+    # sampled, and the controller's γ per round recorded.
+    sweep = results["service"]["sweep"]
+    for kind in ("greedy", "sampled"):
+        table = sweep[kind]
+        assert {"TARGET", "γ=2", "γ=4", "transformers heuristic", "controller (γ unset)"} == set(table)
+        assert all(set(cells) == {"1", "4"} and all(c["tokens"] > 0 for c in cells.values())
+                   for cells in table.values())
+        controller = table["controller (γ unset)"]["4"]
+        assert sum(controller["gamma_histogram"]) > 0
+        assert table["γ=4"]["1"]["mean_gamma"] >= 2.5   # explicit γ as given (cut at the end)
+    assert (out / "sweep.png").stat().st_size > 1000
+    assert "## Speculation control: tokens/s against streams" in text
+    assert any("controller / best fixed γ" in goal for goal in results["derived"]["goals"])
     assert 0 < results["runner_overhead"]["target"]["forward_ms"]
     # the router was profiled (2 s in the quick run: our own frames may not show up in so few)
     profile = results["service"]["router_profile"]

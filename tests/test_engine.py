@@ -60,14 +60,16 @@ def test_identical_draft_accepts_everything(tiny_twins):
 
 
 def test_draft_ahead_only_when_it_pays_and_output_is_unchanged(engine, tiny_twins):
-    """Draft-ahead gating changes how much is drafted and thrown away, never the output."""
+    """Draft-ahead gating (explicit γ; the controller decides for itself) changes how much is
+    drafted and thrown away, never the output."""
     params = SamplingParams(temperature=0.9, seed=5)
     runs = {cost: run(engine, Mode.SPECULATIVE, PROMPTS[:4], 40, sampling=params,
-                      draft_ahead_waste_cost=cost) for cost in (0.0, 1.0)}
-    sequential = run(engine, Mode.SPECULATIVE, PROMPTS[:4], 40, sampling=params, pipelined=False)
+                      num_draft_tokens=4, draft_ahead_waste_cost=cost) for cost in (0.0, 1.0)}
+    sequential = run(engine, Mode.SPECULATIVE, PROMPTS[:4], 40, sampling=params, pipelined=False,
+                     num_draft_tokens=4)
     # pipelined=True overrides the gate: it drafts ahead as the zero-cost gate does (always)
     forced = run(engine, Mode.SPECULATIVE, PROMPTS[:4], 40, sampling=params, pipelined=True,
-                 draft_ahead_waste_cost=1.0)
+                 num_draft_tokens=4, draft_ahead_waste_cost=1.0)
     for always, gated, seq, force in zip(runs[0.0], runs[1.0], sequential, forced):
         assert always.token_ids == gated.token_ids == seq.token_ids == force.token_ids
         assert seq.stats.drafted_ahead == 0
@@ -79,7 +81,8 @@ def test_draft_ahead_only_when_it_pays_and_output_is_unchanged(engine, tiny_twin
     # identical twins: every block is accepted and every guess right, so the gate opens and
     # nothing drafted ahead is thrown away
     twins = Engine.from_paths(*tiny_twins, dtype="float64")
-    for r in run(twins, Mode.SPECULATIVE, PROMPTS[:2], 40, draft_ahead_waste_cost=1.0):
+    for r in run(twins, Mode.SPECULATIVE, PROMPTS[:2], 40, num_draft_tokens=4,
+                 draft_ahead_waste_cost=1.0):
         assert r.stats.drafted_ahead > 0 and r.stats.discarded_draft_tokens == 0
 
 
@@ -93,13 +96,17 @@ def test_cascade_at_sd_end_equals_speculative(engine, rule):
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_companions(engine):
+    """For a given γ. (The controller's γ follows measured load, and sampled output depends on
+    where rounds start: with γ unset a seed fixes the distribution, not the sample.)"""
     params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
-    alone = run(engine, Mode.SPECULATIVE, PROMPTS[:1], 40, sampling=params)
+    fixed = dict(num_draft_tokens=4)
+    alone = run(engine, Mode.SPECULATIVE, PROMPTS[:1], 40, sampling=params, **fixed)
     crowd = run(engine, Mode.SPECULATIVE, PROMPTS[:6], 40,
-                sampling=SamplingParams(temperature=0.9, top_p=0.95, seed=1234))
+                sampling=SamplingParams(temperature=0.9, top_p=0.95, seed=1234), **fixed)
     other_seed = run(engine, Mode.SPECULATIVE, PROMPTS[:1], 40,
-                     sampling=SamplingParams(temperature=0.9, top_p=0.95, seed=99))
-    sequential = run(engine, Mode.SPECULATIVE, PROMPTS[:1], 40, sampling=params, pipelined=False)
+                     sampling=SamplingParams(temperature=0.9, top_p=0.95, seed=99), **fixed)
+    sequential = run(engine, Mode.SPECULATIVE, PROMPTS[:1], 40, sampling=params, pipelined=False,
+                     **fixed)
     assert alone[0].token_ids == crowd[0].token_ids == sequential[0].token_ids
     assert alone[0].token_ids != other_seed[0].token_ids
 

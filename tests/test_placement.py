@@ -115,7 +115,7 @@ def test_grpc_generation_across_the_nodes_equals_target(cluster):
     for prompt in PROMPTS:
         reference = client.generate(prompt, max_new_tokens=MAX_NEW, mode="target")
         for mode in ("speculative", "cascade"):
-            reply = client.generate(prompt, max_new_tokens=MAX_NEW, mode=mode,
+            reply = client.generate(prompt, max_new_tokens=MAX_NEW, mode=mode, num_draft_tokens=4,
                                     **({"deferral_rule": "chow", "deferral_threshold": 0.0}
                                        if mode == "cascade" else {}))
             assert list(reply.token_ids) == list(reference.token_ids), (prompt, mode)

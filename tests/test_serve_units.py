@@ -129,7 +129,7 @@ def test_valid_request_converts(tokenizer, limits):
                       stop=["\n\n"], pipelined=False)
     assert request.mode == Mode.CASCADE and request.cascade.rule == DeferralRule.DIFF
     assert request.sampling.seed == 7 and math.isclose(request.sampling.top_p, 0.9, rel_tol=1e-6)
-    assert request.num_draft_tokens == limits.default_num_draft_tokens
+    assert request.num_draft_tokens is None  # the controller's (default_num_draft_tokens unset)
     assert request.stop == ("\n\n",) and not request.pipelined
     assert request.eos_token_ids == frozenset([tokenizer.eos_token_id])
     adaptive = convert(tokenizer, limits, adaptive_num_draft_tokens=True, draft_stop_below=0.4)

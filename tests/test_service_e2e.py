@@ -47,9 +47,13 @@ def test_greedy_speculative_and_cascade_equal_target(service, references):
     runs = []
     for i, prompt in enumerate(PROMPTS):
         rule, alpha = SD_END[i % len(SD_END)]
-        runs += [(prompt, "speculative", {"mode": "speculative"}),
+        runs += [(prompt, "speculative", {"mode": "speculative", "num_draft_tokens": 4}),
                  (prompt, f"cascade {rule}", {"mode": "cascade", "deferral_rule": rule,
-                                              "deferral_threshold": alpha})]
+                                              "deferral_threshold": alpha, "num_draft_tokens": 4}),
+                 # γ left unset: the speculation controller picks it every round
+                 (prompt, "controlled", {"mode": "speculative"}),
+                 (prompt, f"controlled cascade {rule}", {"mode": "cascade", "deferral_rule": rule,
+                                                         "deferral_threshold": alpha})]
         if i % 3 == 0:  # draft and verify in turn, another γ
             runs.append((prompt, "sequential", {"mode": "speculative", "pipelined": False,
                                                 "num_draft_tokens": 3}))
@@ -60,9 +64,13 @@ def test_greedy_speculative_and_cascade_equal_target(service, references):
 
     with ThreadPoolExecutor(4) as pool:  # concurrent requests also share batched forwards
         replies = list(pool.map(run, runs))
-    for (prompt, name, _), reply in zip(runs, replies):
+    for (prompt, name, fields), reply in zip(runs, replies):
         assert list(reply.token_ids) == references[prompt], (prompt, name)
-        assert reply.stats.drafted > 0 and reply.stats.rounds > 0
+        stats = reply.stats
+        assert sum(stats.num_draft_tokens_histogram) == stats.rounds > 0
+        if "num_draft_tokens" in fields:  # an explicit γ is used as given
+            assert stats.drafted > 0
+            assert stats.num_draft_tokens_histogram[fields["num_draft_tokens"]] >= stats.rounds - 2
 
 
 def test_sampled_rounds_through_the_service_equal_the_in_process_engine(service, tiny_pair):
@@ -79,11 +87,14 @@ def test_sampled_rounds_through_the_service_equal_the_in_process_engine(service,
                                                "deferral_threshold": 0.05})]
     for i, prompt in enumerate(PROMPTS[:4]):
         for mode, extra in cases:
+            # An explicit γ: the controller's γ follows load, and with it the sample (not the
+            # distribution).
             reply = service.generate(prompt, max_new_tokens=MAX_NEW, mode=mode, temperature=0.9,
-                                     top_p=0.95, seed=100 + i, **extra)
+                                     top_p=0.95, seed=100 + i, num_draft_tokens=4, **extra)
             cascade = (CascadeParams(DeferralRule.TOKEN_V1, 0.05) if mode == "cascade" else None)
             [local] = engine.generate([engine.request(
                 prompt, mode=Mode[mode.upper()], max_new_tokens=MAX_NEW, cascade=cascade,
+                num_draft_tokens=4,
                 sampling=SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i),
                 draft_top_k=config.draft_top_k)])
             assert list(reply.token_ids) == local.token_ids, (prompt, mode)
@@ -110,6 +121,7 @@ def test_stream_concatenation_equals_unary(service):
 
 
 def test_eight_concurrent_streams(service, references):
+    """With γ unset: the controller on, at 8 streams."""
     def stream(prompt):
         parts = list(service.generate_stream(prompt, max_new_tokens=MAX_NEW, mode="speculative"))
         return [t for p in parts for t in p.token_ids], parts[-1].stats
@@ -122,8 +134,9 @@ def test_eight_concurrent_streams(service, references):
     prompts = PROMPTS[:8]
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(stream, prompts))
-    for prompt, (ids, _) in zip(prompts, results):
+    for prompt, (ids, stats) in zip(prompts, results):
         assert ids == references[prompt], prompt
+        assert sum(stats.num_draft_tokens_histogram) == stats.rounds
     batches, calls = verifier_load()
     # Concurrent requests shared verifier forwards: fewer batches than verify calls.
     assert calls - calls_before > batches - batches_before

@@ -16,7 +16,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt")
     parser.add_argument("--mode", choices=MODES, default="speculative")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-draft-tokens", type=int, default=4, help="γ")
+    parser.add_argument("--num-draft-tokens", type=int, default=0,
+                        help="γ, tokens drafted per round; 0 (default) = the speculation "
+                        "controller picks γ every round from measured acceptance, costs and load")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
@@ -47,7 +49,7 @@ def _generate(args) -> None:
         cascade = CascadeParams(rule, SD_END[rule] if args.alpha is None else args.alpha)
         request = engine.request(
             args.prompt, mode=Mode[args.mode.upper()], max_new_tokens=args.max_new_tokens,
-            num_draft_tokens=args.num_draft_tokens,
+            num_draft_tokens=args.num_draft_tokens or None,
             sampling=SamplingParams(args.temperature, args.top_k, args.top_p,
                                     random.getrandbits(63) if args.seed is None else args.seed),
             cascade=cascade if args.mode == "cascade" else None, stop=tuple(args.stop),
@@ -61,7 +63,8 @@ def _generate(args) -> None:
           f"({1000 * len(result.token_ids) / max(s.total_ms, 1e-9):.1f} tok/s), finish={result.finish_reason}, "
           f"rounds={s.rounds} drafted={s.drafted} accepted={s.accepted} "
           f"mean_accepted_length={s.mean_accepted_length:.2f} deferrals={s.deferrals} "
-          f"draft_ms={s.draft_ms:.0f} verify_ms={s.verify_ms:.0f} overlap={s.overlap_fraction:.2f}",
+          f"draft_ms={s.draft_ms:.0f} verify_ms={s.verify_ms:.0f} overlap={s.overlap_fraction:.2f} "
+          f"mean_gamma={s.mean_gamma:.2f} gamma_histogram={s.gamma_histogram}",
           file=sys.stderr)
 
 

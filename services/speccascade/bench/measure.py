@@ -51,6 +51,7 @@ def stream_one(client: SpecCascadeClient, prompt, **fields) -> Run:
             s = message.stats
             stats = {f.name: getattr(s, f.name) for f in s.DESCRIPTOR.fields
                      if isinstance(getattr(s, f.name), (int, float))}
+            stats["num_draft_tokens_histogram"] = list(s.num_draft_tokens_histogram)
     total = (time.perf_counter() - started) * 1000
     return Run(ids, "".join(texts), total, ((first or time.perf_counter()) - started) * 1000,
                itl, stats)

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from speccascade.bench.limits import explain, other_ms  # noqa: E402
+from speccascade.bench.sweep import CONTROLLER  # noqa: E402
 
 COMMAND = "make bench   # = speccascade bench --out benchmarks --markdown BENCHMARKS.md"
 
@@ -103,6 +104,63 @@ def _concurrency_table(conc: dict) -> list[str]:
                         f"{c['itl_ms_p95']:.1f} | {batch.get('verifier', 0):.2f} / "
                         f"{batch.get('drafter', 0):.2f} |")
     return rows
+
+
+def _level(cells: dict, streams: int) -> dict:
+    return cells.get(streams, cells.get(str(streams)))
+
+
+def _sweep_table(table: dict) -> list[str]:
+    """Aggregate tokens/s by configuration and stream count; the best fixed γ of a level in bold,
+    the controller's mean γ beside its speed."""
+    levels = sorted({int(k) for cells in table.values() for k in cells})
+    best = {n: max((name for name in table if name.startswith("γ=")),
+                   key=lambda name: _level(table[name], n)["aggregate_tokens_per_s"]) for n in levels}
+    rows = ["| configuration | " + " | ".join(f"{n} stream{'s' * (n > 1)}" for n in levels) + " |",
+            "|---|" + "---:|" * len(levels)]
+    for name, cells in table.items():
+        out = []
+        for n in levels:
+            c = _level(cells, n)
+            text = f"{c['aggregate_tokens_per_s']:.1f}"
+            if name == best[n]:
+                text = f"**{text}**"
+            if c.get("gamma_histogram") and not name.startswith(("γ=", "TARGET")):
+                text += f" (γ̄ {c['mean_gamma']:.1f})"
+            out.append(text)
+        rows.append(f"| {name} | " + " | ".join(out) + " |")
+    return rows
+
+
+def _controller_line(table: dict, name: str) -> str:
+    parts = []
+    for streams, c in sorted(table[name].items(), key=lambda kv: int(kv[0])):
+        hist = c["gamma_histogram"]
+        total = sum(hist) or 1
+        shares = ", ".join(f"γ={g} {n / total:.0%}" for g, n in enumerate(hist) if n / total >= 0.05)
+        parts.append(f"{streams} stream{'s' * (int(streams) > 1)}: {shares}; verifier batch "
+                     f"{c['mean_batch_size'].get('verifier', 0):.2f}")
+    return "The controller's γ per round (shares ≥ 5 %): " + "; ".join(parts) + "."
+
+
+def plot_sweep(results: dict, path: Path) -> None:
+    sweep = results["service"]["sweep"]
+    fig, axes = plt.subplots(1, len(sweep), figsize=(6 * len(sweep), 4.5), squeeze=False)
+    for ax, (kind, table) in zip(axes[0], sweep.items()):
+        for name, cells in table.items():
+            streams = sorted(cells, key=int)
+            style = ("k-s" if name == "TARGET" else "r-o" if name == CONTROLLER
+                     else "m--^" if "heuristic" in name else ":.")
+            ax.plot([int(n) for n in streams], [cells[n]["aggregate_tokens_per_s"] for n in streams],
+                    style, label=name, linewidth=2 if style[0] in "kr" else 1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel("aggregate tokens/s")
+        ax.set_title(kind if kind == "greedy" else "sampled (T 0.8, top_p 0.95)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_speed(results: dict, path: Path) -> None:
@@ -204,6 +262,7 @@ def write(results: dict, out_dir: Path, markdown: Path) -> None:
     plot_sampled(results, out_dir / "sampled.png")
     plot_cascades(results, out_dir / "cascades.png")
     plot_concurrency(results, out_dir / "concurrency.png")
+    plot_sweep(results, out_dir / "sweep.png")
     d, steps, host, svc = results["derived"], results["steps_ms"], results["host"], results["service"]
     rel = lambda p: Path(p).relative_to(markdown.parent) if markdown.parent in Path(p).parents else p  # noqa: E731
     cascades = svc["cascade"]
@@ -263,6 +322,15 @@ def write(results: dict, out_dir: Path, markdown: Path) -> None:
         f"![cascades]({rel(out_dir / 'cascades.png')})", "",
         *_cascade_table(cascades, results["sequential_cascade"],
                         cascades["TARGET"]["latency_ms_mean"]), "",
+        "## Speculation control: tokens/s against streams", "",
+        "TARGET, fixed γ, transformers' +2/−1 heuristic (from γ=4) and the speculation controller "
+        "(γ left unset: the default), through the service at each stream count, interleaved "
+        "(bench/sweep.py). Bold: the best fixed γ of the column, the bar the controller is held to.",
+        "", f"![sweep]({rel(out_dir / 'sweep.png')})", "",
+        "Greedy:", "", *_sweep_table(svc["sweep"]["greedy"]), "",
+        _controller_line(svc["sweep"]["greedy"], CONTROLLER), "",
+        "Sampled (T 0.8, top_p 0.95):", "", *_sweep_table(svc["sweep"]["sampled"]), "",
+        _controller_line(svc["sweep"]["sampled"], CONTROLLER), "",
         "## Concurrency", "", f"![concurrency]({rel(out_dir / 'concurrency.png')})", "",
         *_concurrency_table(svc["concurrency"]), "",
         "CPU time per round of greedy SPECULATIVE (ms, all cores, by process) and how busy the "

@@ -2,7 +2,8 @@
 
 Stages (a progress bar each): step costs in process; the Hugging Face peer and our in-process
 engine; then, through the real gRPC service, TARGET / DRAFT / SPECULATIVE sequential and pipelined,
-a γ sweep with adaptive γ, cascades over α for each rule with quality, and concurrency.
+a γ sweep with adaptive γ, cascades over α for each rule with quality, and the speculation-control
+sweep over concurrent streams (which gives the concurrency tables).
 Results: JSON, BENCHMARKS.md and PNG plots. Timings are ratios measured here in one run.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from speccascade.bench import bounds, profile
-from speccascade.bench import service
+from speccascade.bench import service, sweep
 from speccascade.bench.host import cpu_features, runner_overhead
 from speccascade.bench.measure import rpc_floor_ms, stream_one
 from speccascade.bench.peers import engine_generate, hf_generate, sequential_cascade
@@ -34,8 +35,11 @@ class BenchPlan:
     gammas: tuple[int, ...] = (2, 3, 4, 6, 8)
     quality_tasks: int = 48
     alphas_per_rule: int = 4
-    streams: tuple[int, ...] = (1, 2, 4, 8, 16)
-    requests_per_stream: int = 2
+    # The speculation-control sweep (bench/sweep.py), which also gives the concurrency tables.
+    sweep_streams: tuple[int, ...] = (1, 4, 8, 16)
+    sweep_gammas: tuple[int, ...] = (1, 2, 4, 6, 8)
+    sweep_repeats: int = 2
+    sweep_min_requests: int = 4     # requests per cell and repeat: max(streams, this)
     profile_seconds: float = 20.0   # py-spy on the router under single-stream SPECULATIVE
     grpc_port: int = 9123
     http_port: int = 8123       # Serve always starts its HTTP proxy: not 8000, which others use
@@ -46,7 +50,8 @@ class BenchPlan:
     @classmethod
     def quick(cls) -> "BenchPlan":
         return cls(prompts=2, new_tokens=16, gammas=(2,), quality_tasks=3, alphas_per_rule=2,
-                   streams=(1, 4), requests_per_stream=1, profile_seconds=2.0)
+                   sweep_streams=(1, 4), sweep_gammas=(2, 4), sweep_repeats=1,
+                   sweep_min_requests=2, profile_seconds=2.0)
 
 
 def alpha_sweep(rule: DeferralRule, count: int) -> list[float]:
@@ -64,7 +69,6 @@ def _service_config(plan: BenchPlan):
     return ServiceConfig.load({"grpc_port": plan.grpc_port, "http_port": plan.http_port,
                                "target": {"path": plan.target, **model},
                                "draft": {"path": plan.draft, **model},
-                               "default_num_draft_tokens": plan.gamma,
                                "max_live_seqs": 64})
 
 
@@ -147,7 +151,10 @@ def _service_runs(client, plan, prompts, tasks, target, engine) -> dict:
     out["sampled"], _ = service.measure_configs(client, prompts, service.sampled_configs(plan),
                                                 desc="service: sampled", max_new_tokens=plan.new_tokens)
     out["cascade"] = service.cascade_quality(client, plan, tasks, target, engine)
-    out["concurrency"] = service.concurrency(client, plan, prompts)
+    out["sweep"] = sweep.run(client, plan, prompts)
+    # The concurrency tables: TARGET and the default fixed γ of the sweep.
+    greedy = out["sweep"]["greedy"]
+    out["concurrency"] = {"TARGET": greedy["TARGET"], "SPECULATIVE": greedy[f"γ={plan.gamma}"]}
     return out
 
 
@@ -255,6 +262,7 @@ def derive(results: dict, plan: BenchPlan) -> dict:
             "sampled cascade at its SD end (slowest rule) / SPECULATIVE": (sd_end_ratio(sampled), 0.95, "≥", 17),
             "best cascade with ≤ 1 % line-completion loss: speed / SPECULATIVE":
                 (good.get(best_cascade, 0.0), 1.25, "≥", 17),
+            **sweep.goals(svc["sweep"]),
         },
         "best_cascade": best_cascade,
     }

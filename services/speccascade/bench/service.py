@@ -5,12 +5,9 @@ spent per round (from /proc), so that where the cores went is read beside the sp
 """
 from __future__ import annotations
 
-import os
-
 from tqdm import tqdm
 
-from speccascade.bench.measure import (cpu_ms_per_round, cpu_seconds_by_process, run_concurrent,
-                                       stream_one, summarize)
+from speccascade.bench.measure import cpu_ms_per_round, cpu_seconds_by_process, stream_one, summarize
 from speccascade.bench.peers import target_log_likelihood
 from speccascade.models.evaluate import LINE_TOKENS, edit_similarity, exact_match, predicted_line
 from speccascade.sampling import SD_END, DeferralRule
@@ -40,6 +37,7 @@ def speed_configs(plan) -> dict[str, dict]:
     }
     for gamma in plan.gammas:
         configs[f"SPECULATIVE γ={gamma}"] = dict(mode="speculative", num_draft_tokens=gamma)
+    configs["SPECULATIVE controller (γ unset)"] = dict(mode="speculative")
     configs["SPECULATIVE adaptive γ"] = dict(mode="speculative", adaptive_num_draft_tokens=True)
     configs["SPECULATIVE adaptive γ + early stop"] = dict(
         mode="speculative", adaptive_num_draft_tokens=True, draft_stop_below=0.4)
@@ -55,6 +53,7 @@ def sampled_configs(plan) -> dict[str, dict]:
         "SPECULATIVE pipelined": dict(mode="speculative", num_draft_tokens=plan.gamma, **SAMPLED),
         "SPECULATIVE always ahead": dict(mode="speculative", num_draft_tokens=plan.gamma,
                                          pipelined=True, **SAMPLED),
+        "SPECULATIVE controller (γ unset)": dict(mode="speculative", **SAMPLED),
         **sd_end_cascades(plan.gamma, **SAMPLED),
         "CASCADE TOKEN_V3 α=0.5": dict(mode="cascade", deferral_rule="TOKEN_V3",
                                        deferral_threshold=0.5, num_draft_tokens=plan.gamma,
@@ -130,39 +129,10 @@ def cascade_quality(client, plan, tasks, target, engine) -> dict:
     return out
 
 
-def _batch_counters(client) -> dict[str, tuple[int, int]]:
+def batch_counters(client) -> dict[str, tuple[int, int]]:
     """(batches, batched_calls) summed over the replicas of each role."""
     counters: dict[str, tuple[int, int]] = {}
     for r in client.stats().replicas:
         batches, calls = counters.get(r.role, (0, 0))
         counters[r.role] = (batches + r.batches, calls + r.batched_calls)
     return counters
-
-
-def concurrency(client, plan, prompts) -> dict:
-    """Aggregate throughput, latency and mean batch size per replica at each stream count,
-    TARGET beside greedy SPECULATIVE."""
-    modes = {"TARGET": dict(mode="target"),
-             "SPECULATIVE": dict(mode="speculative", num_draft_tokens=plan.gamma)}
-    out: dict = {name: {} for name in modes}
-    with tqdm(total=len(modes) * len(plan.streams), desc="service: concurrency", unit="level") as bar:
-        for name, fields in modes.items():
-            for streams in plan.streams:
-                batch = [prompts[i % len(prompts)] for i in range(streams * plan.requests_per_stream)]
-                cpu_before, counters_before = cpu_seconds_by_process(), _batch_counters(client)
-                runs, wall = run_concurrent(client, batch, streams, max_new_tokens=plan.new_tokens,
-                                            **fields)
-                cpu_after, counters_after = cpu_seconds_by_process(), _batch_counters(client)
-                summary = summarize(runs)
-                summary["aggregate_tokens_per_s"] = summary["tokens"] / wall
-                summary["mean_batch_size"] = {
-                    role: (calls - counters_before.get(role, (0, 0))[1])
-                    / max(1, batches - counters_before.get(role, (0, 0))[0])
-                    for role, (batches, calls) in counters_after.items()}
-                rounds = sum(r.stats.get("rounds", 0) for r in runs)
-                summary["cpu_ms_per_round"] = cpu_ms_per_round(cpu_before, cpu_after, rounds)
-                summary["cpu_busy_fraction"] = (sum(cpu_after.values()) - sum(cpu_before.values())) / (
-                    wall * (os.cpu_count() or 1))
-                out[name][streams] = summary
-                bar.update()
-    return out

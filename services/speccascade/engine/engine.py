@@ -9,6 +9,7 @@ import asyncio
 
 import torch
 
+from speccascade.engine.controller import SpeculationController
 from speccascade.engine.local import LocalDrafter, LocalVerifier
 from speccascade.engine.loop import Delta, GenerationRequest, generate_all
 from speccascade.engine.workers import DraftWorker, VerifyWorker
@@ -21,6 +22,7 @@ class Engine:
         self.max_seq_len = target_model.config.max_position_embeddings
         self.drafter = LocalDrafter(DraftWorker(draft_model, max_live_seqs=max_live_seqs))
         self.verifier = LocalVerifier(VerifyWorker(target_model, max_live_seqs=max_live_seqs))
+        self.controller = SpeculationController()  # traffic priors shared by this engine's requests
 
     @classmethod
     def from_paths(cls, target_path, draft_path, *, dtype: str = "float32", device: str = "cpu",
@@ -49,5 +51,6 @@ class Engine:
         """Run all requests concurrently (they share forwards); one final Delta each."""
         async def run():
             return await asyncio.gather(*(generate_all(r, self.drafter, self.verifier,
-                                                       self.tokenizer) for r in requests))
+                                                       self.tokenizer, self.controller)
+                                          for r in requests))
         return asyncio.run(run())

@@ -10,6 +10,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from speccascade.engine.costs import served
 from speccascade.engine.seam import DraftRequest, DraftResult, VerifyRequest, VerifyResult
 from speccascade.engine.workers import DraftWorker, VerifyWorker
 
@@ -64,7 +65,7 @@ class LocalDrafter:
         self._batcher = MicroBatcher(worker.draft_batch, max_batch_size)
 
     async def draft(self, request: DraftRequest) -> DraftResult:
-        return await self._batcher.submit(request)
+        return await served(self._batcher.submit(request))
 
     async def release(self, seq_id: str) -> None:
         await self._batcher.call(self.worker.release, seq_id)
@@ -76,7 +77,7 @@ class LocalVerifier:
         self._batcher = MicroBatcher(worker.verify_batch, max_batch_size)
 
     async def verify(self, request: VerifyRequest) -> VerifyResult:
-        return await self._batcher.submit(request)
+        return await served(self._batcher.submit(request))
 
     async def release(self, seq_id: str) -> None:
         await self._batcher.call(self.worker.release, seq_id)

@@ -12,6 +12,11 @@ A block is drafted ahead only when the request's running acceptance says it will
 (`_State.draft_ahead_pays`); the discarded tokens are counted in RequestStats.
 Because draft sampling is seeded by absolute position, a reused block is exactly the block a fresh
 draft would produce: pipelining changes speed, never output.
+
+γ: a request that leaves num_draft_tokens unset is steered by the speculation controller
+(engine.controller), which picks γ ∈ {0 … γmax} and whether to draft ahead every round from the
+request's acceptance and the replicas' measured costs and load; γ = 0 is a plain target step.
+An explicit γ is used as given (or as the start of transformers' schedule with `adaptive`).
 """
 from __future__ import annotations
 
@@ -22,11 +27,15 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
+from speccascade.engine.controller import RequestControl, SpeculationController
 from speccascade.engine.seam import (DEFAULT_DRAFT_AHEAD_WASTE_COST, DEFAULT_DRAFT_TOP_K,
                                      DraftRequest, DraftResult, Drafter, RequestStats, Verifier,
                                      VerifyRequest)
 from speccascade.engine.transcript import Transcript
 from speccascade.sampling import CascadeParams, ParamError, SamplingParams
+
+
+DEFAULT_NUM_DRAFT_TOKENS = 4  # γ of DRAFT mode and the start of `adaptive` when γ is unset
 
 
 class Mode(enum.IntEnum):
@@ -43,9 +52,9 @@ class GenerationRequest:
     max_new_tokens: int
     mode: Mode = Mode.SPECULATIVE
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    num_draft_tokens: int = 4                 # γ (the starting γ when adaptive)
-    adaptive: bool = False                    # adapt γ per round from observed acceptance
-    max_num_draft_tokens: int = 8             # adaptive γ stays in [1, this]
+    num_draft_tokens: int | None = None       # γ; None = the controller chooses it every round
+    adaptive: bool = False                    # transformers' schedule, from num_draft_tokens or 4
+    max_num_draft_tokens: int = 8             # adaptive and controlled γ stay within this
     cascade: CascadeParams | None = None      # required for CASCADE
     stop: tuple[str, ...] = ()
     eos_token_ids: frozenset[int] = frozenset()
@@ -91,6 +100,7 @@ class _State:
     committed: list[int]
     stats: RequestStats = field(default_factory=RequestStats)
     speculation: _Speculation | None = None
+    control: RequestControl | None = None     # set when the controller chooses γ
     current_gamma: int = 0
     # Running estimates (exponential averages) of P(block fully accepted) and of the per-token
     # acceptance, the latter standing for P(bonus guess = bonus). Priors: no evidence either way.
@@ -98,17 +108,16 @@ class _State:
     token_rate: float = 0.5
 
     def __post_init__(self):
-        self.current_gamma = self.request.num_draft_tokens
+        self.current_gamma = self.request.num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS
 
     def room(self, tokens: list[int]) -> int:
         """Tokens that may be drafted after `tokens` so that the verified result (drafts plus the
         recovered or bonus token) stays inside the model context."""
         return self.request.max_seq_len - len(tokens) - 1
 
-    def gamma(self) -> int:
-        """γ for this round: never draft past max_new_tokens or the model context."""
-        return max(0, min(self.current_gamma, self.transcript.remaining - 1,
-                          self.room(self.committed)))
+    def gamma_cap(self) -> int:
+        """The most γ may be this round: never draft past max_new_tokens or the model context."""
+        return max(0, min(self.transcript.remaining - 1, self.room(self.committed)))
 
     def adapt_gamma(self, drafted: int, accepted: int) -> None:
         """Transformers' heuristic schedule: +2 after a fully accepted block, −1 otherwise."""
@@ -140,16 +149,25 @@ class _State:
                             ship_raw=r.cascade is not None, stop_below=r.draft_stop_below)
 
 
+async def _verify(state: _State, request: VerifyRequest):
+    started = time.perf_counter()
+    result = await state.verifier.verify(request)
+    if state.control is not None:
+        state.control.observe_verify(result.cost, (time.perf_counter() - started) * 1000,
+                                     result.served_ms)
+    return result
+
+
 async def _target_round(state: _State) -> list[int]:
     r = state.request
-    result = await state.verifier.verify(VerifyRequest(r.request_id, state.committed, [], r.sampling))
+    result = await _verify(state, VerifyRequest(r.request_id, state.committed, [], r.sampling))
     state.stats.verify_ms += result.verify_ms
     state.stats.replicas.add(f"verifier:{result.replica}")
     return result.emitted
 
 
 async def _draft_round(state: _State) -> list[int]:
-    gamma = max(1, min(state.request.num_draft_tokens, state.transcript.remaining))
+    gamma = max(1, min(state.current_gamma, state.transcript.remaining))
     block = await _fresh_draft(state, state.committed, gamma)
     state.stats.replicas.add(f"drafter:{block.replica}")
     return block.tokens
@@ -157,7 +175,11 @@ async def _draft_round(state: _State) -> list[int]:
 
 async def _fresh_draft(state: _State, tokens: list[int], gamma: int) -> DraftResult:
     """A draft the loop waits for: all of its compute is on the critical path."""
+    started = time.perf_counter()
     block = await state.drafter.draft(state.draft_request(tokens, gamma))
+    if state.control is not None:
+        state.control.observe_draft(block.cost, (time.perf_counter() - started) * 1000,
+                                    block.served_ms)
     state.stats.draft_ms += block.draft_ms
     state.stats.exposed_draft_ms += block.draft_ms
     return block
@@ -175,6 +197,8 @@ async def _take_block(state: _State, gamma: int) -> DraftResult:
         state.stats.draft_ms += guess.draft_ms
         state.stats.exposed_draft_ms += min(waited_ms, guess.draft_ms)
         state.stats.drafted_ahead += len(guess.tokens)
+        if state.control is not None:  # its cost report is news; its wall time overlapped
+            state.control.observe_draft(guess.cost)
         if spec.base + guess.tokens[:1] == state.committed and len(guess.tokens) > 1:
             block = guess.tokens[1: gamma + 1]
             state.stats.discarded_draft_tokens += len(guess.tokens) - 1 - len(block)
@@ -186,23 +210,29 @@ async def _take_block(state: _State, gamma: int) -> DraftResult:
 
 
 async def _speculative_round(state: _State) -> list[int]:
-    r, gamma = state.request, state.gamma()
+    r = state.request
+    if state.control is not None:
+        decision = state.control.choose(state.gamma_cap(), r.pipelined)
+        gamma, ahead = decision.gamma, decision.ahead
+    else:
+        gamma = min(state.current_gamma, state.gamma_cap())
+        ahead = r.pipelined is not False and (r.pipelined or state.draft_ahead_pays(gamma))
+    state.stats.count_gamma(gamma)
     if gamma == 0:
         return await _target_round(state)
     # 1. Draft block k (or reuse the block drafted during the previous verification).
     block = await _take_block(state, gamma)
     state.stats.replicas.add(f"drafter:{block.replica}")
     # 2. Verify it; meanwhile draft block k+1 assuming block k is accepted.
-    verifying = asyncio.ensure_future(state.verifier.verify(VerifyRequest(
+    verifying = asyncio.ensure_future(_verify(state, VerifyRequest(
         r.request_id, state.committed, block.tokens, r.sampling, block.q, r.cascade)))
-    if (r.pipelined is not False and state.transcript.remaining > len(block.tokens) + 1
-            and (r.pipelined or state.draft_ahead_pays(len(block.tokens)))):
+    if ahead and state.transcript.remaining > len(block.tokens) + 1:
         base = state.committed + block.tokens
         # The bonus guess and block k+1, cut where they would run past the model context.
-        ahead = min(gamma + 1, state.room(base))
-        if ahead > 1:
+        size = min(gamma + 1, state.room(base))
+        if size > 1:
             state.speculation = _Speculation(base, asyncio.ensure_future(
-                state.drafter.draft(state.draft_request(base, ahead))))
+                state.drafter.draft(state.draft_request(base, size))))
     result = await verifying
     # 3. Account.
     state.stats.drafted += len(block.tokens)
@@ -212,6 +242,8 @@ async def _speculative_round(state: _State) -> list[int]:
     state.stats.replicas.add(f"verifier:{result.replica}")
     state.adapt_gamma(len(block.tokens), result.num_accepted)
     state.observe(len(block.tokens), result.num_accepted)
+    if state.control is not None:
+        state.control.observe_round(len(block.tokens), result.num_accepted)
     return result.emitted
 
 
@@ -223,12 +255,22 @@ ROUNDS: dict[Mode, Callable[[_State], Awaitable[list[int]]]] = {
 }
 
 
+def controlled(request: GenerationRequest) -> bool:
+    """Whether the controller chooses this request's γ: speculative or cascade, γ left unset."""
+    return (request.mode in (Mode.SPECULATIVE, Mode.CASCADE) and request.num_draft_tokens is None
+            and not request.adaptive)
+
+
 async def generate(request: GenerationRequest, drafter: Drafter, verifier: Verifier,
-                   tokenizer) -> AsyncIterator[Delta]:
-    """Yield one Delta per round; the last one has finish_reason set and the final stats."""
+                   tokenizer, controller: SpeculationController | None = None
+                   ) -> AsyncIterator[Delta]:
+    """Yield one Delta per round; the last one has finish_reason set and the final stats.
+    `controller` holds the traffic priors shared by the caller's requests (a fresh one if None)."""
     started = time.perf_counter()
     transcript = Transcript(tokenizer, request.max_new_tokens, request.stop, request.eos_token_ids)
     state = _State(request, drafter, verifier, transcript, list(request.prompt_ids))
+    if controlled(request):
+        state.control = (controller or SpeculationController()).start(request)
     round_fn = ROUNDS[request.mode]
     try:
         while transcript.finish_reason is None:
@@ -272,11 +314,11 @@ async def _release_both(state: _State) -> None:
 
 
 async def generate_all(request: GenerationRequest, drafter: Drafter, verifier: Verifier,
-                       tokenizer) -> Delta:
+                       tokenizer, controller: SpeculationController | None = None) -> Delta:
     """Run a request to completion: one Delta with all token ids and the whole text."""
     ids, texts = [], []
     last = None
-    async for delta in generate(request, drafter, verifier, tokenizer):
+    async for delta in generate(request, drafter, verifier, tokenizer, controller):
         ids.extend(delta.token_ids)
         texts.append(delta.text)
         last = delta

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from speccascade.engine.costs import CostReport
 from speccascade.sampling import CascadeParams, SamplingParams
 
 
@@ -61,6 +62,8 @@ class DraftResult:
     q: SparseDraft | None = None           # what the tokens were sampled from, when asked for
     draft_ms: float = 0.0                  # model compute time for this call
     replica: str = ""
+    served_ms: float = 0.0                 # time the replica held the call (queue + forward)
+    cost: CostReport | None = None         # the drafter's cost fit and load (controller)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class VerifyResult:
     deferred: int = 0               # cascade: positions where π deferred to the target
     verify_ms: float = 0.0
     replica: str = ""
+    served_ms: float = 0.0          # time the replica held the call (queue + forward)
+    cost: CostReport | None = None  # the verifier's cost fit and load (controller)
 
 
 class Drafter(Protocol):
@@ -109,6 +114,19 @@ class RequestStats:
     ttft_ms: float = 0.0
     total_ms: float = 0.0
     replicas: set[str] = field(default_factory=set)
+    # Rounds by the γ they drafted (index γ; 0 = a plain target step), speculative/cascade modes.
+    gamma_histogram: list[int] = field(default_factory=list)
+
+    def count_gamma(self, gamma: int) -> None:
+        if len(self.gamma_histogram) <= gamma:
+            self.gamma_histogram.extend([0] * (gamma + 1 - len(self.gamma_histogram)))
+        self.gamma_histogram[gamma] += 1
+
+    @property
+    def mean_gamma(self) -> float:
+        """Mean γ over the rounds counted in gamma_histogram (0 when none)."""
+        n = sum(self.gamma_histogram)
+        return sum(g * c for g, c in enumerate(self.gamma_histogram)) / n if n else 0.0
 
     @property
     def mean_accepted_length(self) -> float:

@@ -13,6 +13,7 @@ import time
 import torch
 
 from speccascade import sampling
+from speccascade.engine.costs import CostMeter
 from speccascade.engine.seam import (DraftRequest, DraftResult, SparseDraft, VerifyRequest,
                                      VerifyResult)
 from speccascade.models.runner import ModelRunner
@@ -30,6 +31,44 @@ class _Worker:
         self.runner = ModelRunner(model, max_live_seqs=max_live_seqs, max_seq_len=max_seq_len,
                                   idle_evict_s=idle_evict_s, kv_cache_tokens=kv_cache_tokens)
         self.replica_name = _replica_name()
+        self.costs = CostMeter()  # this replica's forward costs and load, for the controller
+        self._calibrate()
+
+    # Calibration calls (forwards of `rows` rows × `tokens` new tokens, `steps` in a row) timed at
+    # start to seed the cost fit: shapes a round uses, varied enough to separate the terms.
+    CALIBRATION: tuple[tuple[int, int, int], ...] = ()   # (rows, tokens, steps)
+    CALIBRATION_CONTEXT = 32
+
+    def _calibrate(self) -> None:
+        vocab = self.runner.model.config.vocab_size
+        for rows, tokens, steps in self.CALIBRATION:
+            rows = min(rows, self.runner.max_live_seqs)
+            ids = [f"__calibration-{r}" for r in range(rows)]
+            seqs = {i: [(7 * t + r) % vocab for t in range(self.CALIBRATION_CONTEXT)]
+                    for r, i in enumerate(ids)}
+            try:
+                best = float("inf")
+                for _ in range(2):  # the faster of two: the first may pay for warm-up
+                    for i in ids:
+                        self.runner.release(i)
+                    self.runner.forward_batch([(i, seqs[i], 1) for i in ids]).sum().item()
+                    started = time.perf_counter()
+                    grown = {i: list(seqs[i]) for i in ids}
+                    computed = 0
+                    for step in range(steps):
+                        for i in ids:
+                            grown[i] += [(grown[i][-1] + 1 + k) % vocab for k in range(tokens)]
+                        self.runner.forward_batch([(i, grown[i], tokens) for i in ids]).sum().item()
+                        computed += self.runner.last_forward_tokens
+                    best = min(best, (time.perf_counter() - started) * 1000)
+                self.costs.add_prior(self._features(rows, steps, computed), best)
+            finally:
+                for i in ids:
+                    self.runner.release(i)
+
+    @staticmethod
+    def _features(rows: int, steps: int, computed: int) -> tuple[float, float, float]:
+        raise NotImplementedError
 
     def live_sequences(self) -> int:
         return self.runner.live_sequences()
@@ -39,6 +78,12 @@ class _Worker:
 
 
 class DraftWorker(_Worker):
+    CALIBRATION = ((1, 1, 1), (1, 1, 4), (2, 1, 4))
+
+    @staticmethod
+    def _features(rows, steps, computed):
+        return (1.0, steps, computed)
+
     def draft_batch(self, requests: list[DraftRequest]) -> list[DraftResult]:
         """γ single-token steps, all sequences of the batch in each step."""
         started = time.perf_counter()
@@ -46,10 +91,11 @@ class DraftWorker(_Worker):
         drafted: dict[str, list[int]] = {r.seq_id: [] for r in requests}
         shipped: dict[str, list[tuple]] = {r.seq_id: [] for r in requests}
         active = list(requests)
-        step = 0
+        step = computed = 0
         while active:
             logits = self.runner.forward_batch(
                 [(r.seq_id, sequences[r.seq_id], 1) for r in active])  # [batch, 1, vocab]
+            computed += self.runner.last_forward_tokens
             tokens, q_rows = self._sample(logits, active, step)  # [batch], per row q′ or None
             still_active = []
             for row, request in enumerate(active):
@@ -66,11 +112,15 @@ class DraftWorker(_Worker):
                     still_active.append(request)
             active = still_active
             step += 1
-        elapsed = (time.perf_counter() - started) * 1000
+        ended = time.perf_counter()
+        elapsed = (ended - started) * 1000
+        self.costs.observe(self._features(len(requests), step, computed), elapsed, len(requests),
+                           [r.seq_id for r in requests], started, ended)
+        cost = self.costs.report()
         return [DraftResult(
             seq_id=r.seq_id, tokens=drafted[r.seq_id],
             q=self._stack(shipped[r.seq_id]) if shipped[r.seq_id] else None,
-            draft_ms=elapsed, replica=self.replica_name) for r in requests]
+            draft_ms=elapsed, replica=self.replica_name, cost=cost) for r in requests]
 
     @staticmethod
     def _sample(logits: torch.Tensor, requests: list[DraftRequest], step: int):
@@ -116,6 +166,12 @@ class DraftWorker(_Worker):
 
 
 class VerifyWorker(_Worker):
+    CALIBRATION = ((1, 1, 1), (1, 5, 1), (2, 5, 1), (1, 9, 1))
+
+    @staticmethod
+    def _features(rows, steps, computed):
+        return (1.0, rows, computed)
+
     def verify_batch(self, requests: list[VerifyRequest]) -> list[VerifyResult]:
         started = time.perf_counter()
         # Row b's logits fill [b, :γ_b + 1]; columns past them are padding.
@@ -139,7 +195,11 @@ class VerifyWorker(_Worker):
             generators = [sampling.round_generator(r.sampling.seed, len(r.tokens),
                                                    sampling.VERIFY_STREAM) for r in requests]
             out = sampling.verify(drafts, num_drafts, q, p, generators)
-        elapsed = (time.perf_counter() - started) * 1000
+        ended = time.perf_counter()
+        elapsed = (ended - started) * 1000
+        self.costs.observe(self._features(batch, 1, self.runner.last_forward_tokens), elapsed, batch,
+                           [r.seq_id for r in requests], started, ended)
+        cost = self.costs.report()
         results = []
         for row, request in enumerate(requests):
             accepted = int(out.num_accepted[row])
@@ -148,7 +208,7 @@ class VerifyWorker(_Worker):
                 seq_id=request.seq_id, num_accepted=accepted,
                 emitted=out.tokens[row, : accepted + 1].tolist(),
                 deferred=int(deferred[row, :examined].sum()) if request.cascade else 0,
-                verify_ms=elapsed, replica=self.replica_name))
+                verify_ms=elapsed, replica=self.replica_name, cost=cost))
         return results
 
     @staticmethod

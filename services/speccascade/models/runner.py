@@ -63,6 +63,7 @@ class ModelRunner:
                                model.config.max_position_embeddings)
         budget = kv_cache_tokens or max_live_seqs * self.max_seq_len
         self.max_live_seqs = min(max_live_seqs, budget // self.max_seq_len)
+        self.last_forward_tokens = 0
         if self.max_live_seqs < 1:
             raise ValueError(f"kv_cache_tokens={budget} cannot hold one sequence of the model "
                              f"context ({self.max_seq_len} tokens)")
@@ -161,6 +162,7 @@ class ModelRunner:
                       wanted: list[int]) -> torch.Tensor:
         lengths = [len(new) for new in new_tokens]
         k = max(lengths)
+        self.last_forward_tokens = len(entries) * k  # positions computed, padding included (costs)
         ids = torch.tensor([new + [self.pad_id] * (k - len(new)) for new in new_tokens],
                            device=self.device)  # [batch, k], right-padded
         positions = self.cache.begin([e.slot for e in entries], [len(e.tokens) for e in entries],

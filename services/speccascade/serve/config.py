@@ -116,8 +116,11 @@ class ServiceConfig(_Strict):
     target: ModelSpec = Field(default_factory=ModelSpec)
     draft: ModelSpec = Field(default_factory=ModelSpec)
     # -- request defaults and limits (violations answer INVALID_ARGUMENT) ---------------------
-    default_num_draft_tokens: PositiveInt = 4     # γ when the request says 0
+    # γ when the request says 0; null = the speculation controller picks γ ∈ [0, controller_max_
+    # num_draft_tokens] every round (engine.controller).
+    default_num_draft_tokens: PositiveInt | None = None
     max_num_draft_tokens: PositiveInt = 16
+    controller_max_num_draft_tokens: PositiveInt = 8  # γmax of the controller
     max_new_tokens: PositiveInt = 512             # cap on a request's max_new_tokens
     max_prompt_tokens: PositiveInt = 2048         # also bounded by the model context
     max_stop_strings: int = Field(8, ge=0)
@@ -166,9 +169,10 @@ class ServiceConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "ServiceConfig":
-        if self.default_num_draft_tokens > self.max_num_draft_tokens:
-            raise ValueError(f"default_num_draft_tokens ({self.default_num_draft_tokens}) exceeds "
-                             f"max_num_draft_tokens ({self.max_num_draft_tokens})")
+        for name in ("default_num_draft_tokens", "controller_max_num_draft_tokens"):
+            if (getattr(self, name) or 0) > self.max_num_draft_tokens:
+                raise ValueError(f"{name} ({getattr(self, name)}) exceeds "
+                                 f"max_num_draft_tokens ({self.max_num_draft_tokens})")
         if self.router.max_ongoing_requests < self.router_queue_cap:
             raise ValueError("router.max_ongoing_requests must be >= router_queue_cap, so the "
                              "router itself answers RESOURCE_EXHAUSTED when full")

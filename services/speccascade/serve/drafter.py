@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ray import serve
 
+from speccascade.engine.costs import served
 from speccascade.engine.seam import DraftRequest, DraftResult
 from speccascade.engine.workers import DraftWorker
 from speccascade.models.loader import load_model
@@ -29,7 +30,7 @@ class Drafter(ModelReplica):
         self._configure_batching(self._draft_batch, cfg.drafter)
 
     async def draft(self, request: DraftRequest) -> DraftResult:
-        return unwrap(await self._draft_batch(request))
+        return await served(self._draft_batch(request), unwrap)
 
     # Defaults are replaced from the config in __init__; concurrent calls share one forward.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)

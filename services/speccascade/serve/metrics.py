@@ -34,6 +34,9 @@ class RouterMetrics:
         self.itl_ms = Histogram("speccascade_inter_token_latency_ms",
                                 "Time between committed tokens (a round's time / its tokens)",
                                 _MS, tags)
+        self.num_draft_tokens = Histogram(
+            "speccascade_num_draft_tokens", "γ drafted per round (0 = a plain target step)",
+            [0.5 + g for g in range(17)], tags)
         self.inflight = Gauge("speccascade_router_inflight", "Requests in flight on this router")
 
     def round(self, mode: str, elapsed_ms: float, num_tokens: int) -> None:
@@ -54,6 +57,9 @@ class RouterMetrics:
                                (self.deferrals, stats.deferrals)):
             if value > 0:
                 counter.inc(value, tags=tags)
+        for gamma, rounds in enumerate(stats.gamma_histogram):
+            for _ in range(rounds):  # Ray's Histogram takes one observation at a time
+                self.num_draft_tokens.observe(gamma, tags=tags)
         if stats.drafted:
             self.acceptance_rate.observe(stats.acceptance_rate, tags=tags)
             self.mean_accepted_length.observe(stats.mean_accepted_length, tags=tags)

@@ -125,7 +125,10 @@ class ModelReplica:
         self._start_reaper()
         runner = self.worker.runner
         used, total = runner.kv_tokens()
-        return {"role": self.role, "replica": self.worker.replica_name,
+        cost = self.worker.costs.report()
+        return {"cost_coefficients": list(cost.coef), "mean_batch_rows": cost.rows,
+                "busy_fraction": cost.busy, "active_sequences": cost.active,
+                "role": self.role, "replica": self.worker.replica_name,
                 "live_sequences": self.worker.live_sequences(), "world_size": world_size(),
                 "batches": self._batches, "batched_calls": self._batched_calls, "pid": os.getpid(),
                 "kv_tokens_used": used, "kv_tokens_total": total,

@@ -30,7 +30,7 @@ class Limits:
     max_seq_len: int                # model context (the smaller of target and draft)
     max_new_tokens: int
     max_prompt_tokens: int
-    default_num_draft_tokens: int
+    default_num_draft_tokens: int | None   # None: the controller chooses γ
     max_num_draft_tokens: int
     max_stop_strings: int
     max_stop_string_chars: int
@@ -170,8 +170,9 @@ def to_generation_request(msg: RequestFields | pb.GenerateRequest | Undecodable,
         raise ParamError("max_new_tokens", f"max_new_tokens must be in "
                          f"[1, {limits.max_new_tokens}], got {msg.max_new_tokens}")
     mode = _mode(msg)
-    gamma = msg.num_draft_tokens or limits.default_num_draft_tokens
-    validate_num_draft_tokens(gamma, limits.max_num_draft_tokens)
+    gamma = msg.num_draft_tokens or limits.default_num_draft_tokens  # None: the controller's
+    if gamma is not None:
+        validate_num_draft_tokens(gamma, limits.max_num_draft_tokens)
     if not (isinstance(msg.draft_stop_below, (int, float)) and math.isfinite(msg.draft_stop_below)
             and 0 <= msg.draft_stop_below < 1):
         raise ParamError("draft_stop_below", f"draft_stop_below must be in [0, 1), got "

@@ -22,6 +22,7 @@ from typing import AsyncIterator
 from grpc_health.v1 import health_pb2
 from transformers import AutoConfig
 
+from speccascade.engine.controller import SpeculationController
 from speccascade.engine.loop import Delta, generate
 from speccascade.engine.seam import RequestStats
 from speccascade.models.loader import check_pair, load_tokenizer
@@ -48,7 +49,8 @@ def stats_message(stats: RequestStats) -> pb.GenerationStats:
         ttft_ms=stats.ttft_ms, total_ms=stats.total_ms, draft_ms=stats.draft_ms,
         verify_ms=stats.verify_ms, overlap_fraction=stats.overlap_fraction,
         acceptance_rate=stats.acceptance_rate, replicas=sorted(stats.replicas),
-        drafted_ahead=stats.drafted_ahead, discarded_draft_tokens=stats.discarded_draft_tokens)
+        drafted_ahead=stats.drafted_ahead, discarded_draft_tokens=stats.discarded_draft_tokens,
+        mean_num_draft_tokens=stats.mean_gamma, num_draft_tokens_histogram=stats.gamma_histogram)
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -105,6 +107,7 @@ class Router:
         self._inflight = 0
         self._metrics = RouterMetrics()
         self._transport = cfg.transport.handle_options()
+        self._controller = SpeculationController(cfg.controller_max_num_draft_tokens)
 
     # -- RPCs --------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
@@ -151,7 +154,7 @@ class Router:
         return pb.HealthResponse(
             serving=serving, detail=detail, vocab_size=limits.vocab_size,
             max_seq_len=limits.max_seq_len, max_new_tokens=limits.max_new_tokens,
-            default_num_draft_tokens=limits.default_num_draft_tokens,
+            default_num_draft_tokens=limits.default_num_draft_tokens or 0,
             max_num_draft_tokens=limits.max_num_draft_tokens,
             target_dtype=target.get("dtype", ""), draft_dtype=draft.get("dtype", ""))
 
@@ -168,7 +171,11 @@ class Router:
                                     batched_calls=s["batched_calls"], pid=s["pid"],
                                     kv_tokens_used=s["kv_tokens_used"],
                                     kv_tokens_total=s["kv_tokens_total"], dtype=s["dtype"],
-                                    dtype_choice=s["dtype_choice"])
+                                    dtype_choice=s["dtype_choice"],
+                                    cost_coefficients=s["cost_coefficients"],
+                                    mean_batch_rows=s["mean_batch_rows"],
+                                    busy_fraction=s["busy_fraction"],
+                                    active_sequences=s["active_sequences"])
                     for side in found for s in sorted(side, key=lambda s: s["replica"])]
         return pb.StatsResponse(replicas=replicas, router_inflight=self._inflight,
                                 router_replica=serve_replica_name("router"),
@@ -257,8 +264,8 @@ class Router:
             verifier = RemoteVerifier(self._verifier, request.request_id, **retry)
             last = time.perf_counter()
             deadline = time.monotonic() + self.config.request_timeout_s
-            async with contextlib.aclosing(generate(request, drafter, verifier,
-                                                    self.tokenizer)) as deltas:
+            async with contextlib.aclosing(generate(request, drafter, verifier, self.tokenizer,
+                                                    self._controller)) as deltas:
                 async for delta in within(deltas, deadline):
                     now = time.perf_counter()
                     self._metrics.round(mode, (now - last) * 1000, len(delta.token_ids))

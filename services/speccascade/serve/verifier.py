@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ray import serve
 
+from speccascade.engine.costs import served
 from speccascade.engine.seam import VerifyRequest, VerifyResult
 from speccascade.engine.workers import VerifyWorker
 from speccascade.models.loader import load_model
@@ -29,7 +30,7 @@ class Verifier(ModelReplica):
         self._configure_batching(self._verify_batch, cfg.verifier)
 
     async def verify(self, request: VerifyRequest) -> VerifyResult:
-        return unwrap(await self._verify_batch(request))
+        return await served(self._verify_batch(request), unwrap)
 
     # Defaults are replaced from the config in __init__; concurrent calls share one forward.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)

@@ -1,0 +1,104 @@
+"""Speculation control under load: tokens/s against concurrent streams, greedy and sampled.
+
+At each stream count every configuration — TARGET, fixed γ, transformers' +2/−1 heuristic and the
+speculation controller (γ unset) — runs the same prompts, interleaved: repeat r runs them all in a
+rotated order, so a machine whose speed drifts slows them alike. A cell's speed is its tokens over
+its wall time, summed over the repeats.
+"""
+from __future__ import annotations
+
+import os
+
+from tqdm import tqdm
+
+from speccascade.bench.measure import cpu_ms_per_round, cpu_seconds_by_process, run_concurrent, summarize
+from speccascade.bench.service import SAMPLED, batch_counters
+
+CONTROLLER = "controller (γ unset)"
+HEURISTIC = "transformers heuristic"
+
+
+def configs(gammas: tuple[int, ...], sampled: bool) -> dict[str, dict]:
+    extra = SAMPLED if sampled else {}
+    out = {"TARGET": dict(mode="target", **extra)}
+    for gamma in gammas:
+        out[f"γ={gamma}"] = dict(mode="speculative", num_draft_tokens=gamma, **extra)
+    # transformers' "heuristic" schedule (+2 after a fully accepted block, −1 otherwise) from γ=4
+    out[HEURISTIC] = dict(mode="speculative", adaptive_num_draft_tokens=True, **extra)
+    out[CONTROLLER] = dict(mode="speculative", **extra)
+    return out
+
+
+def _cell(runs, wall: float, cpu: dict, batches: dict) -> dict:
+    summary = summarize(runs)
+    summary["aggregate_tokens_per_s"] = summary["tokens"] / wall if wall else 0.0
+    summary["mean_batch_size"] = {role: calls / max(1, n) for role, (n, calls) in batches.items()}
+    rounds = sum(r.stats.get("rounds", 0) for r in runs)
+    summary["cpu_ms_per_round"] = cpu_ms_per_round({}, cpu, rounds)
+    summary["cpu_busy_fraction"] = sum(cpu.values()) / (wall * (os.cpu_count() or 1)) if wall else 0.0
+    histogram: list[int] = []
+    for r in runs:
+        for gamma, count in enumerate(r.stats.get("num_draft_tokens_histogram", [])):
+            histogram.extend([0] * (gamma + 1 - len(histogram)))
+            histogram[gamma] += count
+    summary["gamma_histogram"] = histogram
+    summary["mean_gamma"] = (sum(g * c for g, c in enumerate(histogram)) / sum(histogram)
+                             if sum(histogram) else 0.0)
+    return summary
+
+
+def run(client, plan, prompts) -> dict:
+    """{"greedy" | "sampled": {configuration: {streams: summary}}}."""
+    kinds = {"greedy": configs(plan.sweep_gammas, False), "sampled": configs(plan.sweep_gammas, True)}
+    total = sum(len(c) for c in kinds.values()) * len(plan.sweep_streams) * plan.sweep_repeats
+    out: dict = {kind: {name: {} for name in table} for kind, table in kinds.items()}
+    with tqdm(total=total, desc="service: speculation control sweep", unit="cell") as bar:
+        for kind, table in kinds.items():
+            for streams in plan.sweep_streams:
+                n = max(streams, plan.sweep_min_requests)
+                batch = [prompts[i % len(prompts)] for i in range(n)]
+                acc = {name: {"runs": [], "wall": 0.0, "cpu": {}, "batches": {}} for name in table}
+                names = list(table)
+                for rep in range(plan.sweep_repeats):
+                    shift = rep % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        cpu_before, counters_before = cpu_seconds_by_process(), batch_counters(client)
+                        runs, wall = run_concurrent(client, batch, streams,
+                                                    max_new_tokens=plan.new_tokens, **table[name])
+                        cpu_after, counters_after = cpu_seconds_by_process(), batch_counters(client)
+                        a = acc[name]
+                        a["runs"] += runs
+                        a["wall"] += wall
+                        for process, seconds in cpu_after.items():
+                            a["cpu"][process] = (a["cpu"].get(process, 0.0) + seconds
+                                                 - cpu_before.get(process, 0.0))
+                        for role, (batches, calls) in counters_after.items():
+                            b0, c0 = counters_before.get(role, (0, 0))
+                            nb, nc = a["batches"].get(role, (0, 0))
+                            a["batches"][role] = (nb + batches - b0, nc + calls - c0)
+                        bar.update()
+                for name, a in acc.items():
+                    out[kind][name][streams] = _cell(a["runs"], a["wall"], a["cpu"], a["batches"])
+    return out
+
+
+def goals(sweep: dict) -> dict[str, tuple[float, float, str, int]]:
+    """Issue 16's goals from one sweep: the controller against the best fixed γ of each level
+    (chosen in hindsight), TARGET, and the heuristic at one stream."""
+    out = {}
+    for kind, table in sweep.items():
+        levels = sorted({int(s) for s in table[CONTROLLER]})
+        ratios_fixed, ratios_target = [], []
+        for streams in levels:
+            def tps(name):
+                cell = table[name]
+                return (cell.get(streams) or cell.get(str(streams)))["aggregate_tokens_per_s"]
+            best = max(tps(name) for name in table if name.startswith("γ="))
+            ratios_fixed.append(tps(CONTROLLER) / best)
+            ratios_target.append(tps(CONTROLLER) / tps("TARGET"))
+            if streams == 1:
+                out[f"{kind}, 1 stream: controller / transformers heuristic"] = (
+                    tps(CONTROLLER) / tps(HEURISTIC), 1.1, "≥", 16)
+        out[f"{kind}: controller / best fixed γ, worst stream count"] = (min(ratios_fixed), 0.97, "≥", 16)
+        out[f"{kind}: controller / TARGET, worst stream count"] = (min(ratios_target), 1.0, "≥", 16)
+    return out
