@@ -432,3 +432,19 @@ def test_undecodable_requests_name_the_field(tokenizer, limits):
         with pytest.raises(ParamError) as error:
             to_generation_request(decoded, request_id="r", tokenizer=tokenizer, limits=limits)
         assert error.value.field == field
+
+
+def test_metric_names_and_descriptions_are_ascii():
+    """Ray's metrics take ASCII only: a γ in a description fails the router at start."""
+    import ast
+    from pathlib import Path
+
+    import speccascade.serve.metrics as metrics
+
+    tree = ast.parse(Path(metrics.__file__).read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", "") in ("Counter", "Gauge", "Histogram")]
+    assert len(calls) >= 10
+    for call in calls:
+        for arg in call.args[:2]:
+            assert isinstance(arg, ast.Constant) and arg.value.isascii(), arg.value

@@ -153,8 +153,8 @@ def _error(exc: Exception, names: dict[str, str]) -> JSONResponse:
 def stats_dict(stats: RequestStats) -> dict[str, Any]:
     """The speculation stats: every field of the gRPC door's GenerationStats, by its name."""
     message = stats_message(stats)
-    fields = {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
-    return {**fields, "replicas": list(fields["replicas"])}
+    return {f.name: list(getattr(message, f.name)) if f.is_repeated else getattr(message, f.name)
+            for f in message.DESCRIPTOR.fields}
 
 
 def _sse(data: dict | str) -> str:

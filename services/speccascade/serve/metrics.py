@@ -35,7 +35,7 @@ class RouterMetrics:
                                 "Time between committed tokens (a round's time / its tokens)",
                                 _MS, tags)
         self.num_draft_tokens = Histogram(
-            "speccascade_num_draft_tokens", "γ drafted per round (0 = a plain target step)",
+            "speccascade_num_draft_tokens", "Draft tokens (gamma) per round; 0 = a plain target step",
             [0.5 + g for g in range(17)], tags)
         self.inflight = Gauge("speccascade_router_inflight", "Requests in flight on this router")
 
