@@ -8,8 +8,8 @@ import itertools
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from speccascade.engine.controller import (Acceptance, SpeculationController, expected_tokens,
-                                           round_ms)
+from speccascade.engine.controller import (PROBE_EVERY, Acceptance, SpeculationController,
+                                           expected_tokens, round_ms)
 from speccascade.engine.costs import CostMeter, CostReport
 from speccascade.engine.engine import Engine
 from speccascade.engine.loop import GenerationRequest, Mode, generate_all
@@ -177,7 +177,9 @@ def test_identical_twins_with_a_cheap_draft_draft_deep_and_an_equal_cost_draft_n
     # pays: E(γ) = γ + 1 tokens for at least the time of γ + 1 target steps, plus a call.
     dear = _controlled(twins, PROMPTS[0], VERIFY, CostReport((0.0, 20.7, 0.0), 1.0, 0.2, 1))
     assert dear.token_ids == target.token_ids
-    assert dear.stats.gamma_histogram[0] >= dear.stats.rounds - 1   # the first round guesses
+    # drafting rounds: the first (no report yet) and one probe per PROBE_EVERY target steps
+    drafting = dear.stats.rounds - dear.stats.gamma_histogram[0]
+    assert 0 < drafting <= 1 + dear.stats.rounds // PROBE_EVERY
 
 
 def test_explicit_gamma_is_honoured_exactly(engine):
@@ -185,3 +187,12 @@ def test_explicit_gamma_is_honoured_exactly(engine):
         hist = r.stats.gamma_histogram
         # every round drafts 3, except rounds cut short at the end of max_new_tokens
         assert hist[3] >= r.stats.rounds - 3 and sum(hist) == r.stats.rounds
+
+
+def test_a_released_sequence_no_longer_counts_as_load():
+    meter = CostMeter()
+    for i, seq in enumerate(["a", "b"]):
+        meter.observe((1.0, 1, 5), 10.0, 1, [seq], i * 0.01, i * 0.01 + 0.01)
+    assert meter.report().active == 2
+    meter.released("a")
+    assert meter.report().active == 1

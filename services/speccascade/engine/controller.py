@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from speccascade.engine.costs import CostReport
 
 DEFAULT_GAMMA_MAX = 8
+# After this many plain target steps in a row, one round drafts (the best γ ≥ 1): the draft's
+# cost and acceptance are only measured by drafting, and a stale estimate would never heal.
+PROBE_EVERY = 32
 MAX_TRAFFIC_KINDS = 256   # priors kept, one per kind of request
 
 
@@ -135,6 +138,8 @@ class RequestControl:
         # Until its own calls report, a request starts from the latest reports of any request.
         self.draft_report: CostReport | None = parent.last_draft_report
         self.verify_report: CostReport | None = parent.last_verify_report
+        self._first_call = {"draft": True, "verify": True}
+        self._target_steps = 0   # plain target steps in a row
 
     def rates(self) -> list[float]:
         return self.own.rates(self.parent.prior(self.key, self.gamma_max))
@@ -142,15 +147,17 @@ class RequestControl:
     def choose(self, cap: int, pipelined: bool | None) -> Decision:
         """The best (γ, ahead) with γ ≤ cap; `pipelined` True/False fixes ahead."""
         a = self.rates()
+        probe = self._target_steps >= PROBE_EVERY
         best = None
         aheads = (False, True) if pipelined is None else (bool(pipelined),)
-        for gamma in range(min(cap, self.gamma_max) + 1):
+        for gamma in range(int(probe and cap > 0), min(cap, self.gamma_max) + 1):
             e = expected_tokens(a, gamma)
             for ahead in aheads if gamma else (False,):
                 t = round_ms(gamma, ahead, a, self.draft_report, self.verify_report,
                              self.parent.o_d.get(), self.parent.o_v.get(), self.waste_cost)
                 if best is None or e / t > best.expected_tokens / best.round_ms:
                     best = Decision(gamma, ahead, e, t)
+        self._target_steps = self._target_steps + 1 if best.gamma == 0 else 0
         return best
 
     def observe_round(self, drafted: int, accepted: int) -> None:
@@ -163,13 +170,21 @@ class RequestControl:
         """A draft call's report; wall_ms only for calls the loop waited for (not drafted ahead)."""
         self.draft_report = report or self.draft_report
         self.parent.last_draft_report = self.draft_report
-        if wall_ms is not None:
+        first = self._first("draft")
+        if wall_ms is not None and not first:
             self.parent.o_d.observe(wall_ms - served_ms)
 
     def observe_verify(self, report: CostReport | None, wall_ms: float, served_ms: float) -> None:
         self.verify_report = report or self.verify_report
         self.parent.last_verify_report = self.verify_report
-        self.parent.o_v.observe(wall_ms - served_ms)
+        if not self._first("verify"):
+            self.parent.o_v.observe(wall_ms - served_ms)
+
+    def _first(self, side: str) -> bool:
+        """A request's first call to a side also pays for setting up its handle (measured: tens
+        of ms through Serve): a per-request cost, not a per-round one, so not in o_d / o_v."""
+        first, self._first_call[side] = self._first_call[side], False
+        return first
 
 
 @dataclass
@@ -192,13 +207,20 @@ class SpeculationController:
         return RequestControl(self, key, gamma_max, request.draft_ahead_waste_cost)
 
     def prior(self, key: tuple, gamma_max: int) -> list[float]:
+        """a_i of recent traffic of this kind. A position the traffic rarely reaches backs off to
+        the rate of the position before it: deep positions are tested only after every earlier
+        draft was accepted, where the draft tends to stay right (measured on the default pair:
+        a_4… ≈ 0.95 where a_1 ≈ 0.9), so the pooled rate would understate them and γ would never
+        grow far enough to learn better."""
         traffic = self._traffic.get(key)
         if traffic is None:
             return [self.default_rate] * gamma_max
-        # Positions the traffic rarely reaches back off to its pooled rate.
-        pooled = (sum(traffic.accepted) + 2 * self.default_rate) / (sum(traffic.verified) + 2)
-        return traffic.rates([pooled] * len(traffic.verified))[:gamma_max] + \
-            [pooled] * max(0, gamma_max - len(traffic.verified))
+        out, previous, m = [], self.default_rate, traffic.strength
+        for i in range(gamma_max):
+            if i < len(traffic.verified):
+                previous = (traffic.accepted[i] + m * previous) / (traffic.verified[i] + m)
+            out.append(previous)
+        return out
 
     def observe(self, key: tuple, gamma_max: int, drafted: int, accepted: int) -> None:
         traffic = self._traffic.get(key)

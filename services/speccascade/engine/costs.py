@@ -10,10 +10,11 @@ Each worker (engine.workers) times its own forwards and keeps
 fitted by exponentially weighted least squares over its recent forwards (forgetting factor λ per
 forward, so about 1 / (1 − λ) forwards count) plus a few calibration forwards of varied shapes that
 the worker times at start (`add_prior`, never forgotten): a request's forwards often all look
-alike, and one shape alone cannot tell a fixed cost from a per-token one. Load is two measured numbers: the busy fraction of the forward
-thread (busy time / wall time, both decayed with time constant τ) and the sequences that called in
-the last `active_window_s`. Every result carries a `CostReport` snapshot, so the router learns
-the costs and load of exactly the replicas its request is pinned to, without extra calls.
+alike, and one shape alone cannot tell a fixed cost from a per-token one. Load is two measured
+numbers: the busy fraction of the forward thread (busy time / wall time, both decayed with time
+constant τ) and the sequences that called in the last `active_window_s` and were not released
+since. Every result carries a `CostReport` snapshot, so the router learns the costs and load of
+exactly the replicas its request is pinned to, without extra calls.
 """
 from __future__ import annotations
 
@@ -120,6 +121,11 @@ class CostMeter:
         cutoff = ended - self.active_window_s
         while self._seen and next(iter(self._seen.values())) < cutoff:
             self._seen.popitem(last=False)
+
+    def released(self, seq_id: str) -> None:
+        """A released sequence no longer loads the replica (a finished request must not count
+        as a concurrent one for the rest of the window)."""
+        self._seen.pop(seq_id, None)
 
     def report(self) -> CostReport:
         busy = self._busy_ms / self._wall_ms if self._wall_ms else 0.0

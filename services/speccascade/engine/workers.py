@@ -75,6 +75,7 @@ class _Worker:
 
     def release(self, seq_id: str) -> None:
         self.runner.release(seq_id)
+        self.costs.released(seq_id)
 
 
 class DraftWorker(_Worker):
