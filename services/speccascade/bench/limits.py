@@ -86,6 +86,7 @@ def explain(results: dict) -> list[str]:
             f"best passing configuration: {d.get('best_cascade') or 'none passed'}; issue 17's "
             f"frontier (`make frontier`) measures this with confidence intervals",
     }
+    why.update(_sweep_why(svc.get("sweep", {})))
     lines = []
     for name, (value, goal, op, issue) in d["goals"].items():
         met = value >= goal if op == "≥" else value <= goal
@@ -101,3 +102,34 @@ def _slowest(table: dict) -> str:
     spec = table["SPECULATIVE pipelined"]
     return (f"slowest: {name}, {ends[name]['tokens_per_s']:.1f} against {spec['tokens_per_s']:.1f} "
             f"tok/s; {_round(ends[name])}; SPECULATIVE: {_round(spec)}")
+
+
+def _sweep_why(sweep: dict) -> dict[str, str]:
+    """For the controller's goals: at the level where it is furthest from the best fixed γ, the
+    γ it chose against that best γ, and the heuristic's mean γ at one stream."""
+    from speccascade.bench.sweep import CONTROLLER, HEURISTIC
+
+    out = {}
+    for kind, table in sweep.items():
+        def cell(name, n):
+            return table[name].get(n) or table[name].get(str(n))
+        levels = sorted({int(n) for n in table[CONTROLLER]})
+        fixed = [name for name in table if name.startswith("γ=")]
+        gaps = {n: cell(CONTROLLER, n)["aggregate_tokens_per_s"] /
+                max(cell(f, n)["aggregate_tokens_per_s"] for f in fixed) for n in levels}
+        n = min(gaps, key=gaps.get)
+        best = max(fixed, key=lambda f: cell(f, n)["aggregate_tokens_per_s"])
+        c = cell(CONTROLLER, n)
+        out[f"{kind}: controller / best fixed γ, worst stream count"] = (
+            f"at {n} stream{'s' * (n > 1)} the controller chose mean γ {c['mean_gamma']:.1f} "
+            f"({c['aggregate_tokens_per_s']:.1f} tok/s) where {best} ran "
+            f"{cell(best, n)['aggregate_tokens_per_s']:.1f}; γ follows the controller's model of "
+            f"the round (the replicas' cost fits, per-position acceptance), which put the "
+            f"optimum lower than the best fixed γ")
+        if 1 in levels:
+            h = cell(HEURISTIC, 1)
+            out[f"{kind}, 1 stream: controller / transformers heuristic"] = (
+                f"the heuristic reached mean γ {h['mean_gamma']:.1f} (up to the server's maximum 16) "
+                f"at {h['aggregate_tokens_per_s']:.1f} tok/s; the controller's γmax is 8 and it chose "
+                f"mean γ {cell(CONTROLLER, 1)['mean_gamma']:.1f}")
+    return out
