@@ -146,13 +146,15 @@ def test_stop_and_seeded_sampling(openai_client, service):
                                              temperature=0, stop=[stop])
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].text == full[:full.index(stop)]
+    # An explicit γ: a seed reproduces the sample for a given γ (the controller's γ follows load).
     sampled = [openai_client.completions.create(
         model="speccascade", prompt=prompt, max_tokens=12, temperature=0.9, top_p=0.95, seed=7,
-        extra_body={"mode": "cascade", "deferral_rule": "CHOW", "deferral_threshold": 0.0})
+        extra_body={"mode": "cascade", "deferral_rule": "CHOW", "deferral_threshold": 0.0,
+                    "num_draft_tokens": 4})
         for _ in range(2)]
     grpc_sampled = service.generate(prompt, max_new_tokens=12, temperature=0.9, top_p=0.95,
                                     seed=7, mode="cascade", deferral_rule="CHOW",
-                                    deferral_threshold=0.0)
+                                    deferral_threshold=0.0, num_draft_tokens=4)
     assert sampled[0].choices[0].text == sampled[1].choices[0].text == grpc_sampled.text
 
 
