@@ -148,7 +148,7 @@ def test_eight_concurrent_streams(service, references):
 def test_kv_affinity_one_replica_of_each(service):
     def run(i):
         return service.generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=12,
-                                mode="speculative").stats.replicas
+                                mode="speculative", num_draft_tokens=4).stats.replicas
 
     with ThreadPoolExecutor(4) as pool:
         replica_sets = list(pool.map(run, range(16)))
