@@ -112,3 +112,19 @@ def test_profile_summary_charges_the_innermost_frame():
     assert summary["samples"] == 100
     assert summary["self_share"] == {"Ray core": 0.6, "Ray Serve": 0.3, "asyncio": 0.1}
     assert summary["speccascade_on_stack"] == pytest.approx(0.4)
+
+
+def test_sweep_goals_hold_the_controller_to_the_best_fixed_gamma_of_each_level():
+    from speccascade.bench import sweep
+
+    def level(tps):
+        return {"aggregate_tokens_per_s": tps}
+
+    table = {"TARGET": {1: level(50), "8": level(60)},              # str keys: read back from JSON
+             "γ=2": {1: level(90), "8": level(150)}, "γ=4": {1: level(100), "8": level(120)},
+             sweep.HEURISTIC: {1: level(80), "8": level(140)},
+             sweep.CONTROLLER: {1: level(95), "8": level(150)}}
+    goals = sweep.goals({"greedy": table})
+    assert goals["greedy: controller / best fixed γ, worst stream count"][0] == pytest.approx(0.95)
+    assert goals["greedy: controller / TARGET, worst stream count"][0] == pytest.approx(1.9)
+    assert goals["greedy, 1 stream: controller / transformers heuristic"][0] == pytest.approx(95 / 80)

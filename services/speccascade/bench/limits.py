@@ -107,29 +107,25 @@ def _slowest(table: dict) -> str:
 def _sweep_why(sweep: dict) -> dict[str, str]:
     """For the controller's goals: at the level where it is furthest from the best fixed γ, the
     γ it chose against that best γ, and the heuristic's mean γ at one stream."""
-    from speccascade.bench.sweep import CONTROLLER, HEURISTIC
+    from speccascade.bench.sweep import CONTROLLER, HEURISTIC, cell
 
     out = {}
     for kind, table in sweep.items():
-        def cell(name, n):
-            return table[name].get(n) or table[name].get(str(n))
+        def tps(name, n):
+            return cell(table, name, n)["aggregate_tokens_per_s"]
         levels = sorted({int(n) for n in table[CONTROLLER]})
         fixed = [name for name in table if name.startswith("γ=")]
-        gaps = {n: cell(CONTROLLER, n)["aggregate_tokens_per_s"] /
-                max(cell(f, n)["aggregate_tokens_per_s"] for f in fixed) for n in levels}
-        n = min(gaps, key=gaps.get)
-        best = max(fixed, key=lambda f: cell(f, n)["aggregate_tokens_per_s"])
-        c = cell(CONTROLLER, n)
+        n = min(levels, key=lambda n: tps(CONTROLLER, n) / max(tps(f, n) for f in fixed))
+        best = max(fixed, key=lambda f: tps(f, n))
+        chosen, best_gamma = cell(table, CONTROLLER, n)["mean_gamma"], int(best.split("=")[1])
         out[f"{kind}: controller / best fixed γ, worst stream count"] = (
-            f"at {n} stream{'s' * (n > 1)} the controller chose mean γ {c['mean_gamma']:.1f} "
-            f"({c['aggregate_tokens_per_s']:.1f} tok/s) where {best} ran "
-            f"{cell(best, n)['aggregate_tokens_per_s']:.1f}; γ follows the controller's model of "
-            f"the round (the replicas' cost fits, per-position acceptance), which put the "
-            f"optimum lower than the best fixed γ")
+            f"at {n} stream{'s' * (n > 1)} the controller chose mean γ {chosen:.1f} "
+            f"({tps(CONTROLLER, n):.1f} tok/s) where {best} ran {tps(best, n):.1f}; its model of "
+            f"the round (the replicas' cost fits, per-position acceptance) put the optimum "
+            f"{'below' if chosen < best_gamma else 'above'} the best fixed γ")
         if 1 in levels:
-            h = cell(HEURISTIC, 1)
             out[f"{kind}, 1 stream: controller / transformers heuristic"] = (
-                f"the heuristic reached mean γ {h['mean_gamma']:.1f} (up to the server's maximum 16) "
-                f"at {h['aggregate_tokens_per_s']:.1f} tok/s; the controller's γmax is 8 and it chose "
-                f"mean γ {cell(CONTROLLER, 1)['mean_gamma']:.1f}")
+                f"the heuristic reached mean γ {cell(table, HEURISTIC, 1)['mean_gamma']:.1f} (up to "
+                f"the server's maximum 16) at {tps(HEURISTIC, 1):.1f} tok/s; the controller's γmax "
+                f"is 8 and it chose mean γ {cell(table, CONTROLLER, 1)['mean_gamma']:.1f}")
     return out

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from speccascade.bench.limits import explain, other_ms  # noqa: E402
-from speccascade.bench.sweep import CONTROLLER  # noqa: E402
+from speccascade.bench.sweep import CONTROLLER, cell  # noqa: E402
 
 COMMAND = "make bench   # = speccascade bench --out benchmarks --markdown BENCHMARKS.md"
 
@@ -106,22 +106,18 @@ def _concurrency_table(conc: dict) -> list[str]:
     return rows
 
 
-def _level(cells: dict, streams: int) -> dict:
-    return cells.get(streams, cells.get(str(streams)))
-
-
 def _sweep_table(table: dict) -> list[str]:
     """Aggregate tokens/s by configuration and stream count; the best fixed γ of a level in bold,
     the controller's mean γ beside its speed."""
     levels = sorted({int(k) for cells in table.values() for k in cells})
     best = {n: max((name for name in table if name.startswith("γ=")),
-                   key=lambda name: _level(table[name], n)["aggregate_tokens_per_s"]) for n in levels}
+                   key=lambda name: cell(table, name, n)["aggregate_tokens_per_s"]) for n in levels}
     rows = ["| configuration | " + " | ".join(f"{n} stream{'s' * (n > 1)}" for n in levels) + " |",
             "|---|" + "---:|" * len(levels)]
-    for name, cells in table.items():
+    for name in table:
         out = []
         for n in levels:
-            c = _level(cells, n)
+            c = cell(table, name, n)
             text = f"{c['aggregate_tokens_per_s']:.1f}"
             if name == best[n]:
                 text = f"**{text}**"

@@ -47,6 +47,28 @@ def _cell(runs, wall: float, cpu: dict, batches: dict) -> dict:
     return summary
 
 
+def cell(table: dict, name: str, streams: int) -> dict:
+    """A configuration's summary at a stream count (int keys in memory, str after JSON)."""
+    cells = table[name]
+    return cells.get(streams) or cells[str(streams)]
+
+
+def _measure(client, batch: list, streams: int, plan, fields: dict, acc: dict) -> None:
+    """One cell and repeat: the runs, their wall time, CPU by process and batch counters, added
+    to `acc`."""
+    cpu_before, counters_before = cpu_seconds_by_process(), batch_counters(client)
+    runs, wall = run_concurrent(client, batch, streams, max_new_tokens=plan.new_tokens, **fields)
+    cpu_after, counters_after = cpu_seconds_by_process(), batch_counters(client)
+    acc["runs"] += runs
+    acc["wall"] += wall
+    for process, seconds in cpu_after.items():
+        acc["cpu"][process] = acc["cpu"].get(process, 0.0) + seconds - cpu_before.get(process, 0.0)
+    for role, (batches, calls) in counters_after.items():
+        b0, c0 = counters_before.get(role, (0, 0))
+        nb, nc = acc["batches"].get(role, (0, 0))
+        acc["batches"][role] = (nb + batches - b0, nc + calls - c0)
+
+
 def run(client, plan, prompts) -> dict:
     """{"greedy" | "sampled": {configuration: {streams: summary}}}."""
     kinds = {"greedy": configs(plan.sweep_gammas, False), "sampled": configs(plan.sweep_gammas, True)}
@@ -55,27 +77,14 @@ def run(client, plan, prompts) -> dict:
     with tqdm(total=total, desc="service: speculation control sweep", unit="cell") as bar:
         for kind, table in kinds.items():
             for streams in plan.sweep_streams:
-                n = max(streams, plan.sweep_min_requests)
-                batch = [prompts[i % len(prompts)] for i in range(n)]
+                batch = [prompts[i % len(prompts)]
+                         for i in range(max(streams, plan.sweep_min_requests))]
                 acc = {name: {"runs": [], "wall": 0.0, "cpu": {}, "batches": {}} for name in table}
                 names = list(table)
                 for rep in range(plan.sweep_repeats):
                     shift = rep % len(names)
                     for name in names[shift:] + names[:shift]:
-                        cpu_before, counters_before = cpu_seconds_by_process(), batch_counters(client)
-                        runs, wall = run_concurrent(client, batch, streams,
-                                                    max_new_tokens=plan.new_tokens, **table[name])
-                        cpu_after, counters_after = cpu_seconds_by_process(), batch_counters(client)
-                        a = acc[name]
-                        a["runs"] += runs
-                        a["wall"] += wall
-                        for process, seconds in cpu_after.items():
-                            a["cpu"][process] = (a["cpu"].get(process, 0.0) + seconds
-                                                 - cpu_before.get(process, 0.0))
-                        for role, (batches, calls) in counters_after.items():
-                            b0, c0 = counters_before.get(role, (0, 0))
-                            nb, nc = a["batches"].get(role, (0, 0))
-                            a["batches"][role] = (nb + batches - b0, nc + calls - c0)
+                        _measure(client, batch, streams, plan, table[name], acc[name])
                         bar.update()
                 for name, a in acc.items():
                     out[kind][name][streams] = _cell(a["runs"], a["wall"], a["cpu"], a["batches"])
@@ -91,8 +100,7 @@ def goals(sweep: dict) -> dict[str, tuple[float, float, str, int]]:
         ratios_fixed, ratios_target = [], []
         for streams in levels:
             def tps(name):
-                cell = table[name]
-                return (cell.get(streams) or cell.get(str(streams)))["aggregate_tokens_per_s"]
+                return cell(table, name, streams)["aggregate_tokens_per_s"]
             best = max(tps(name) for name in table if name.startswith("γ="))
             ratios_fixed.append(tps(CONTROLLER) / best)
             ratios_target.append(tps(CONTROLLER) / tps("TARGET"))
