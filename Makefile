@@ -40,6 +40,7 @@ bench-quick: install
 
 frontier: install   ## cascade quality–latency frontier: benchmarks/frontier.* (time it first: speccascade bench frontier --estimate-only)
 	$(BIN)/speccascade bench frontier --out benchmarks --markdown benchmarks/frontier.md
+	$(BIN)/speccascade bench report   # BENCHMARKS.md with the frontier section
 
 frontier-quick: install
 	$(BIN)/speccascade bench frontier --quick

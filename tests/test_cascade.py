@@ -334,3 +334,80 @@ def test_greedy_cascades_ship_one_token_and_its_raw_q_per_position():
     assert _State(sampled, None, None, None, [1, 2]).draft_request([1, 2], 4).ship_top_k == 32
     greedy = GenerationRequest("r", [1, 2], 8, mode=Mode.SPECULATIVE)
     assert _State(greedy, None, None, None, [1, 2]).draft_request([1, 2], 4).ship_top_k == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The temperature-0 fast path: π's token without building π
+# ---------------------------------------------------------------------------------------------
+
+
+def greedy_alpha(rule: DeferralRule, where: float) -> float:
+    lo, hi = ALPHA_RANGE[rule]
+    lo, hi = (-1.0, 1.0) if rule is R.OPT else (lo, hi)
+    return lo + where * (hi - lo)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4), gamma=st.integers(1, 4),
+       where=st.lists(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]), min_size=4, max_size=4),
+       rules=st.lists(st.sampled_from(list(R)), min_size=4, max_size=4))
+def test_greedy_cascade_tokens_equal_the_argmax_of_the_dense_pi(seed, batch, gamma, where, rules):
+    """Reference: cascade_target on one-hot p, q with the *full* temperature-1 p and q."""
+    vocab = 12
+    gen = torch.Generator().manual_seed(seed)
+    p_logits = 2 * torch.randn(batch, gamma, vocab, generator=gen)
+    q_logits = 2 * torch.randn(batch, gamma, vocab, generator=gen)
+    # Half the drafts agree with the target's argmax, as a good draft's would.
+    agree = torch.rand(batch, gamma, generator=gen) < 0.5
+    q_logits = torch.where(agree[..., None], p_logits + 0.5 * q_logits, q_logits)
+    params = [CascadeParams(rules[b], greedy_alpha(rules[b], where[b])) for b in range(batch)]
+    greedy = [SamplingParams()] * batch
+    p, q = process_logits(p_logits, greedy), process_logits(q_logits, greedy)  # one-hot
+    drafts = q.argmax(-1)
+    p_raw, q_raw = p_logits.softmax(-1), q_logits.softmax(-1)
+    pi, deferred = cascade_target(p, q, p_raw, q_raw, params)
+    tokens, fast_deferred = sampling.cascade_greedy_tokens(
+        drafts, p_raw, q_raw.gather(-1, drafts[..., None])[..., 0], params)
+    assert torch.equal(pi.amax(-1), torch.ones(batch, gamma))    # π is one-hot at temperature 0
+    assert torch.equal(tokens, pi.argmax(-1))
+    assert torch.equal(fast_deferred, deferred)
+
+
+@pytest.mark.parametrize("rule", list(R))
+@pytest.mark.parametrize("where", [0.0, 0.3, 0.7, 1.0])
+def test_greedy_cascade_worker_path_equals_the_dense_sampler(rule, where):
+    """VerifyWorker's greedy cascade rows (no dense π) emit what the dense lossless sampler emits
+    on one-hot p and q, bonus and shorter rows included."""
+    from speccascade.engine.seam import SparseDraft, VerifyRequest
+    from speccascade.engine.workers import VerifyWorker
+
+    gen = torch.Generator().manual_seed(int(where * 10) + int(rule))
+    vocab, gamma = 16, 4
+    p_logits = 2 * torch.randn(3, gamma + 1, vocab, generator=gen)
+    lengths = [4, 2, 0]  # the last row is a plain target step
+    drafts = torch.zeros(3, gamma, dtype=torch.long)
+    requests = []
+    for b, n in enumerate(lengths):
+        tokens = torch.where(torch.rand(n, generator=gen) < 0.6, p_logits[b, :n].argmax(-1),
+                             torch.randint(0, vocab, (n,), generator=gen))
+        drafts[b, :n] = tokens
+        raw = torch.rand(n, 1, generator=gen)
+        requests.append(VerifyRequest(f"s{b}", [1], tokens.tolist(), SamplingParams(),
+                                      SparseDraft(tokens[:, None].int(), torch.ones(n, 1), raw)
+                                      if n else None,
+                                      CascadeParams(rule, greedy_alpha(rule, where))))
+    num_drafts = torch.tensor(lengths)
+    best = p_logits.argmax(-1)
+    deferred = VerifyWorker._greedy_cascade(requests, best, p_logits, drafts, gamma)
+    fast = sampling.verify_greedy_tokens(drafts, num_drafts, best)
+    greedy = [SamplingParams()] * 3
+    p = process_logits(p_logits, greedy)
+    q = VerifyWorker._draft_probs(requests, drafts, gamma, vocab)
+    p, dense_deferred = VerifyWorker._cascade(requests, p, q, p_logits, gamma, vocab)
+    generators = [round_generator(0, 1, VERIFY_STREAM) for _ in requests]
+    dense = verify(drafts, num_drafts, q, p, generators)
+    assert torch.equal(fast.num_accepted, dense.num_accepted)
+    assert torch.equal(fast.tokens, dense.tokens)
+    for b, n in enumerate(lengths):
+        examined = min(int(fast.num_accepted[b]) + 1, n)
+        assert int(deferred[b, :examined].sum()) == int(dense_deferred[b, :examined].sum())

@@ -406,6 +406,43 @@ def _token_target(rule: DeferralRule, p: Tensor, q: Tensor, p_raw: Tensor, q_raw
     return kept + handed_over * p, handed_over.squeeze(-1) > 0
 
 
+def cascade_greedy_tokens(draft_tokens: Tensor, p_raw: Tensor, q_raw_drafted: Tensor,
+                          params: Sequence[CascadeParams]) -> tuple[Tensor, Tensor]:
+    """Temperature 0: the one token π puts its mass on at each drafted position, without π.
+
+    At temperature 0 the processed p is δ_a (a = argmax p) and q is δ_d (d the drafted token, the
+    argmax of q), so every rule's π is δ_d where it keeps the draft and δ_a where it defers: the
+    whole-distribution rules with TV(q, p) = 1[d ≠ a]; the token rules keep d iff d ∈ A, and
+    q(d) = max q is the only q_raw value A reads. Reference: the argmax of ``cascade_target`` on
+    the one-hot p, q and dense p_raw, q_raw (tests compare the two).
+
+    draft_tokens [batch, k]; p_raw [batch, k, vocab] temperature-1 target probabilities;
+    q_raw_drafted [batch, k] temperature-1 q of the drafted token. Returns (tokens π picks
+    [batch, k], deferred [batch, k] bool), deferred as in ``cascade_target``.
+    """
+    if p_raw.dim() != 3 or p_raw.shape[:2] != draft_tokens.shape != q_raw_drafted.shape:
+        raise ValueError("p_raw must be [batch, k, vocab], draft_tokens and q_raw_drafted [batch, k]")
+    if p_raw.shape[0] != len(params):
+        raise ValueError(f"{len(params)} cascade params for a batch of {p_raw.shape[0]}")
+    rules = torch.tensor([int(c.rule) for c in params])[:, None]                 # [batch, 1]
+    alpha = torch.tensor([float(c.alpha) for c in params], dtype=torch.float64)[:, None]
+    best = p_raw.argmax(-1)                                                      # [batch, k]
+    max_p = p_raw.double().amax(-1)                                              # [batch, k]
+    p_d = p_raw.double().gather(-1, draft_tokens[..., None])[..., 0]             # [batch, k]
+    max_q = q_raw_drafted.double()                                               # [batch, k]
+    tv = (draft_tokens != best).double()                                         # [batch, k]
+    keeps = torch.stack([                            # [rules, batch, k], in DeferralRule order
+        max_q >= 1 - alpha,                          # CHOW
+        max_q >= max_p - alpha,                      # DIFF
+        max_q >= max_p - alpha * tv,                 # OPT
+        max_q >= max_p - alpha,                      # TOKEN_V1: d ∈ A ⇔ q(d) ≥ max p − α
+        p_d >= max_p - alpha,                        # TOKEN_V2
+        p_d >= (1 - alpha) * max_p,                  # TOKEN_V3
+    ])
+    keep = keeps.gather(0, (rules - 1).expand_as(best)[None])[0]                 # [batch, k]
+    return torch.where(keep, draft_tokens, best), ~keep
+
+
 # --------------------------------------------------------------------------------------------
 # Verification: lossless rejection sampling and the greedy path
 # --------------------------------------------------------------------------------------------
@@ -526,8 +563,14 @@ def verify_greedy(draft_tokens: Tensor, num_drafts: Tensor, p: Tensor) -> Verify
     batch, gamma_max = draft_tokens.shape
     if p.dim() != 3 or p.shape[:2] != (batch, gamma_max + 1):
         raise ValueError(f"p must be [batch, γmax + 1, vocab], got {tuple(p.shape)}")
+    return verify_greedy_tokens(draft_tokens, num_drafts, p.argmax(-1))
+
+
+def verify_greedy_tokens(draft_tokens: Tensor, num_drafts: Tensor, best: Tensor) -> VerifyOutput:
+    """verify_greedy given the target's token per position, best [batch, γmax + 1] (argmax p, or
+    the token of a greedy cascade's π on drafted positions: ``cascade_greedy_tokens``)."""
+    batch, gamma_max = draft_tokens.shape
     rows = torch.arange(batch)
-    best = p.argmax(-1)                                                          # [batch, γ + 1]
     drafted = torch.arange(gamma_max)[None, :] < num_drafts[:, None]             # [batch, γ]
     matches = drafted & (draft_tokens == best[:, :gamma_max])
     num_accepted = matches.long().cumprod(-1).sum(-1)                            # [batch]

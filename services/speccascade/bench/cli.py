@@ -29,7 +29,11 @@ def add_bench_parser(subparsers) -> None:
     frontier.add_argument("--markdown", default=None, help="default: <out>/frontier.md")
     frontier.add_argument("--tasks", type=int, default=None, help="line-completion tasks")
     frontier.add_argument("--alphas-per-rule", type=int, default=None)
-    frontier.add_argument("--streams", type=int, default=None, help="concurrent quality streams")
+    frontier.add_argument("--streams", type=int, default=None,
+                          help="concurrent quality streams through the service")
+    frontier.add_argument("--quality-on", choices=("engine", "service"), default=None,
+                          help="where the quality pass runs: in process, batched, with a service "
+                          "check on the first tasks (default), or all of it through the service")
     frontier.add_argument("--full-length", action="store_true", help="read every quality stream "
                           "to its end instead of cancelling it at the line's end (same metrics, "
                           "about 2.5x the tokens)")
@@ -84,7 +88,8 @@ def _frontier(args: argparse.Namespace) -> None:
 
     full = fr.FrontierPlan()
     given = {k: v for k, v in (("tasks", args.tasks), ("alphas_per_rule", args.alphas_per_rule),
-                               ("streams", args.streams)) if v is not None}
+                               ("streams", args.streams), ("quality_on", args.quality_on))
+             if v is not None}
     common = dict(grpc_port=args.grpc_port, http_port=args.http_port, target=args.target,
                   draft=args.draft, dtype=args.dtype, stop_at_line_end=not args.full_length)
     full = replace(full, **given, **common)

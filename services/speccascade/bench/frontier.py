@@ -2,19 +2,26 @@
 
 Every configuration (TARGET, DRAFT, SPECULATIVE and the six rules over their α range, greedy and
 sampled; the sequential cascade, greedy, in process) completes the same held-out lines with the
-same per-task seeds. Quality, through the real gRPC service, `streams` tasks at a time:
+same per-task seeds. Quality:
 
 - exact match and edit similarity of the predicted line (models/evaluate.py), and
 - the target's mean log-likelihood per token of the continuation up to the end of that line,
   scored afterwards in process (one prompt forward per task, every distinct output in one batch).
 
-A client stops each stream once the line is complete: later tokens cannot change any metric.
-Every metric is compared with TARGET of the same decoding by a paired bootstrap 95 % CI.
+Each stream stops once its line is complete: later tokens cannot change any metric. Every metric
+is compared with TARGET of the same decoding by a paired bootstrap 95 % CI.
 
-Speed, separately: with many streams a request's latency depends on what it is batched with, so
-latency relative to TARGET is 1 / (tokens/s relative to TARGET) of a single-stream pass over a
-fixed subset of tasks at full length, interleaved over the configurations `speed_rounds` times
-(a burst of load from elsewhere then skews every configuration, not one).
+Where quality runs (`quality_on`): through the gRPC service, `streams` tasks at a time, the full
+plan takes about 110 min on 2 CPU cores (the verifier serializes its calls: mean batch 1.0), so
+by default the quality pass runs the same loop, front-door validation, workers and sampler in
+process with `chunk` tasks sharing each forward, and the first `service_check_tasks` tasks of
+every configuration also go through the service, which must give the same outputs (reported).
+
+Speed, through the service: with many streams a request's latency depends on what it is batched
+with, so latency relative to TARGET is 1 / (tokens/s relative to TARGET) of a single-stream pass
+over a fixed subset of tasks at full length, interleaved over the configurations `speed_rounds`
+times (a burst of load from elsewhere then skews every configuration, not one). Every rule at its
+SD end is timed too: its rounds do SPECULATIVE's verification and should cost the same.
 
 Lossy speculative decoding (Leviathan et al.'s lenience, accept with min(1, p / (l·q))) is not a
 baseline here: it needs a lenience input to the acceptance test in sampling.py and a request field.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +41,7 @@ from tqdm import tqdm
 
 from speccascade.bench.measure import stream_one, summarize
 from speccascade.bench.run import alpha_sweep
-from speccascade.bench.service import SAMPLED
+from speccascade.bench.service import SAMPLED, sd_end_cascades
 from speccascade.bench.workload import quality_tasks
 from speccascade.models.evaluate import (LINE_TOKENS, continuation_log_likelihoods,
                                          edit_similarity, exact_match, line_complete,
@@ -49,10 +57,13 @@ MAX_LOSS = 0.01  # "within 1 % of TARGET": the upper CI bound of the relative lo
 class FrontierPlan:
     tasks: int = 1000
     alphas_per_rule: int = 3      # α values strictly between the SD end and the draft end
-    streams: int = 8              # concurrent quality streams
+    quality_on: str = "engine"    # "engine": in process, batched; "service": through gRPC
+    chunk: int = 200              # in-process tasks started together (their prefills batch)
+    service_check_tasks: int = 24  # quality_on "engine": these first tasks also via the service
+    streams: int = 8              # concurrent quality streams through the service
     speed_tasks: int = 16         # single-stream speed subset (the first tasks)
     speed_rounds: int = 2
-    seq_tasks: int = 200          # the in-process sequential cascade (one token per Python step)
+    seq_tasks: int = 100          # the in-process sequential cascade (one token per Python step)
     gamma: int = 4
     seed: int = 1234              # task i of a sampled run has seed + i
     stop_at_line_end: bool = True  # cancel each stream once its line is complete (same metrics)
@@ -64,8 +75,8 @@ class FrontierPlan:
 
     @classmethod
     def quick(cls, **kw) -> "FrontierPlan":
-        return cls(tasks=6, alphas_per_rule=1, streams=4, speed_tasks=2, speed_rounds=1,
-                   seq_tasks=3, **kw)
+        return cls(tasks=6, alphas_per_rule=1, chunk=4, service_check_tasks=3, streams=4,
+                   speed_tasks=2, speed_rounds=1, seq_tasks=3, **kw)
 
 
 def alphas(rule: DeferralRule, count: int) -> list[float]:
@@ -86,6 +97,15 @@ def configs(plan: FrontierPlan, sampled: bool) -> dict[str, dict]:
                 "fields": dict(mode="cascade", deferral_rule=rule.name, deferral_threshold=alpha,
                                num_draft_tokens=plan.gamma, **extra)}
     return out
+
+
+def speed_configs(plan: FrontierPlan, sampled: bool) -> dict[str, dict]:
+    """The quality configurations plus every rule at its SD end (timed only: its π is p)."""
+    extra = {k: v for k, v in SAMPLED.items() if k != "seed"} if sampled else {}
+    ends = {name: {"fields": fields, "rule": fields["deferral_rule"],
+                   "alpha": fields["deferral_threshold"], "sd_end": True}
+            for name, fields in sd_end_cascades(plan.gamma, **extra).items()}
+    return {**configs(plan, sampled), **ends}
 
 
 def seeded(fields: dict, plan: FrontierPlan, task: int) -> dict:
@@ -121,6 +141,65 @@ def quality_pass(client, plan, tasks, table: dict, desc: str) -> dict[str, list[
             return run
         runs = list(pool.map(one, jobs))
     return {name: runs[k * len(tasks):(k + 1) * len(tasks)] for k, name in enumerate(table)}
+
+
+def engine_quality_pass(engine, plan, tasks, table: dict, desc: str) -> dict[str, list[dict]]:
+    """quality_pass in process: each request passes the service's own validation
+    (serve.request.to_generation_request) and runs the same loop, workers and sampler; plan.chunk
+    tasks of one configuration start together and share forwards."""
+    import asyncio
+
+    from speccascade.client import make_request
+    from speccascade.engine.loop import generate
+    from speccascade.serve.request import Limits, to_generation_request
+
+    vocab = engine.verifier.worker.runner.model.config.vocab_size
+    limits = Limits.from_config(_service_config(plan), vocab_size=vocab,
+                                max_seq_len=engine.max_seq_len)
+
+    async def one(name: str, i: int) -> dict:
+        request = to_generation_request(
+            make_request(tasks[i].prompt, max_new_tokens=LINE_TOKENS,
+                         **seeded(table[name]["fields"], plan, i)),
+            request_id=f"{name}/{i}", tokenizer=engine.tokenizer, limits=limits)
+        started = time.perf_counter()
+        ids, text = [], ""
+        stream = generate(request, engine.drafter, engine.verifier, engine.tokenizer,
+                          engine.controller)
+        try:
+            async for delta in stream:
+                ids.extend(delta.token_ids)
+                text += delta.text
+                if plan.stop_at_line_end and line_complete(text):
+                    break
+        finally:
+            await stream.aclose()  # releases the KV entries on both sides
+        return {"token_ids": ids, "text": text, "ms": (time.perf_counter() - started) * 1000}
+
+    async def chunk(name: str, start: int) -> list[dict]:
+        return await asyncio.gather(*(one(name, i) for i in
+                                      range(start, min(start + plan.chunk, len(tasks)))))
+
+    out = {}
+    with tqdm(total=len(table) * len(tasks), desc=desc, unit="task") as bar:
+        for name in table:
+            out[name] = []
+            for start in range(0, len(tasks), plan.chunk):
+                out[name] += asyncio.run(chunk(name, start))
+                bar.update(min(plan.chunk, len(tasks) - start))
+    return out
+
+
+def service_agreement(engine_runs: dict, service_runs: dict) -> dict:
+    """How far the service's outputs for the same tasks and seeds match the in-process ones."""
+    out = {}
+    for name, served in service_runs.items():
+        here = engine_runs[name][:len(served)]
+        out[name] = {"tasks": len(served),
+                     "identical": sum(a["token_ids"] == b["token_ids"] for a, b in zip(here, served)),
+                     "same_line": sum(predicted_line(a["text"]) == predicted_line(b["text"])
+                                      for a, b in zip(here, served))}
+    return out
 
 
 def speed_pass(client, plan, tasks, table: dict, desc: str) -> dict[str, dict]:
@@ -283,24 +362,46 @@ def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPla
     from speccascade.engine.engine import Engine
     from speccascade.serve import launch
 
-    torch.set_num_threads(1)  # in-process speed as one replica runs
+    if plan.quality_on not in ("engine", "service"):
+        raise ValueError(f"quality_on must be 'engine' or 'service', got {plan.quality_on!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    engine = (Engine.from_paths(plan.target, plan.draft, dtype="float32") if plan.target and plan.draft
-              else Engine.default(dtype="float32"))
+    paths = dict(target_path=plan.target, draft_path=plan.draft) if plan.target and plan.draft else {}
+    engine = Engine.from_paths(**paths, dtype="float32") if paths else Engine.default(dtype="float32")
     tasks = quality_tasks(engine.tokenizer, plan.tasks)
     tables = {"greedy": configs(plan, False), "sampled": configs(plan, True)}
+    speed_tables = {"greedy": speed_configs(plan, False), "sampled": speed_configs(plan, True)}
     timings: dict[str, float] = {}
-    quality, speed = {}, {}
+    quality, speed, served = {}, {}, {}
+    if plan.quality_on == "engine":
+        # The replicas' dtype ("auto" as the service resolves it), every core, nothing else running.
+        torch.set_num_threads(os.cpu_count() or 1)
+        kw = dict(dtype=plan.dtype or "auto", max_live_seqs=max(64, plan.chunk))
+        batched = Engine.from_paths(**paths, **kw) if paths else Engine.default(**kw)
+        started = time.perf_counter()
+        for decoding, table in tables.items():
+            quality[decoding] = engine_quality_pass(batched, plan, tasks, table,
+                                                    f"quality (in process): {decoding}")
+        timings["quality_s"] = time.perf_counter() - started
+        del batched
+    torch.set_num_threads(1)  # in-process speed as one replica runs
     address = launch.start(_service_config(plan))
     try:
         with SpecCascadeClient(address) as client:
             client.generate(tasks[0].prompt, max_new_tokens=4)  # warm up every deployment
             started = time.perf_counter()
-            for decoding, table in tables.items():
-                quality[decoding] = quality_pass(client, plan, tasks, table, f"quality: {decoding}")
-            timings["quality_s"] = time.perf_counter() - started
+            if plan.quality_on == "service":
+                for decoding, table in tables.items():
+                    quality[decoding] = quality_pass(client, plan, tasks, table,
+                                                     f"quality: {decoding}")
+                timings["quality_s"] = time.perf_counter() - started
+            else:
+                check = tasks[:plan.service_check_tasks]
+                for decoding, table in tables.items():
+                    served[decoding] = service_agreement(quality[decoding], quality_pass(
+                        client, plan, check, table, f"service check: {decoding}"))
+                timings["service_check_s"] = time.perf_counter() - started
             started = time.perf_counter()
-            for decoding, table in tables.items():
+            for decoding, table in speed_tables.items():
                 speed[decoding] = speed_pass(client, plan, tasks, table, f"speed: {decoding}")
             timings["speed_s"] = time.perf_counter() - started
     finally:
@@ -313,30 +414,54 @@ def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPla
     started = time.perf_counter()
     score(engine, tasks, quality)
     timings["score_s"] = time.perf_counter() - started
-    for decoding, table in tables.items():
+    for decoding, table in speed_tables.items():
         for name, config in table.items():
-            speed[decoding][name].update(rule=config.get("rule"), alpha=config.get("alpha"))
+            speed[decoding][name].update(rule=config.get("rule"), alpha=config.get("alpha"),
+                                         sd_end=config.get("sd_end", False))
     results = {"plan": asdict(plan), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "timings_s": timings, "speed": speed,
-               "configs": {d: {n: c["fields"] for n, c in t.items()} for d, t in tables.items()},
+               "timings_s": timings, "speed": speed, "service_check": served,
+               "configs": {d: {n: c["fields"] for n, c in t.items()} for d, t in speed_tables.items()},
                "analysis": analyse(plan, quality, speed),
                "outputs": {d: {n: [r["token_ids"] for r in runs] for n, runs in t.items()}
                            for d, t in quality.items()}}
     results["best_cascade"] = {d: best_cascade(a) for d, a in results["analysis"].items()}
+    results["goals"] = goals(results)
     results["estimate_full_run_s"] = estimate_seconds(plan, timings, estimate_for or FrontierPlan())
     (out_dir / "frontier.json").write_text(json.dumps(results, indent=1, default=str))
     return results
+
+
+def sd_end_ratio(speed: dict) -> tuple[float, str]:
+    """The slowest rule at its SD end against SPECULATIVE: (ratio, rule's configuration)."""
+    ends = {n: s["tokens_per_s"] for n, s in speed.items() if s.get("sd_end")}
+    slowest = min(ends, key=ends.get)
+    return ends[slowest] / speed["SPECULATIVE"]["tokens_per_s"], slowest
+
+
+def goals(results: dict) -> dict:
+    """Issue 17's goals: name -> (measured, goal, "≥", detail)."""
+    out = {}
+    for decoding in ("greedy", "sampled"):
+        ratio, slowest = sd_end_ratio(results["speed"][decoding])
+        out[f"{decoding}: slowest cascade at its SD end / SPECULATIVE"] = (ratio, 0.95, "≥", slowest)
+    best = results["best_cascade"]["sampled"]
+    out["sampled: fastest cascade within 1 % of TARGET / SPECULATIVE"] = (
+        best["speed_vs_speculative"] if best else 0.0, 1.25, "≥",
+        f"{best['name']} on {METRICS[best['metric']]}" if best else "none within 1 %")
+    return out
 
 
 def estimate_seconds(done: FrontierPlan, timings: dict, full: FrontierPlan) -> dict:
     """The full plan's time from this run's unit costs (per configuration × task)."""
     def units(p: FrontierPlan) -> dict[str, float]:
         n = sum(len(configs(p, s)) for s in (False, True))
+        timed = sum(len(speed_configs(p, s)) for s in (False, True))
         seq = len(alphas(DeferralRule.CHOW, p.alphas_per_rule))
-        return {"quality_s": n * p.tasks, "speed_s": n * p.speed_tasks * p.speed_rounds,
+        check = n * p.service_check_tasks if p.quality_on == "engine" else 0
+        return {"quality_s": n * p.tasks, "service_check_s": check,
+                "speed_s": timed * p.speed_tasks * p.speed_rounds,
                 "sequential_s": seq * (p.seq_tasks + p.speed_tasks) + p.speed_tasks,
                 "score_s": p.tasks}
     have, want = units(done), units(full)
-    parts = {k: timings[k] / have[k] * want[k] for k in have}
+    parts = {k: timings[k] / have[k] * want[k] for k in have if have[k] and k in timings}
     return {**parts, "total_s": sum(parts.values())}
-

@@ -82,22 +82,75 @@ def knob_table(analysis: dict, decoding: str) -> list[str]:
     return lines
 
 
-def section(results: dict, markdown: Path, out_dir: Path) -> str:
+def _intro(results: dict) -> str:
     plan, timings = results["plan"], results["timings_s"]
-    lines = ["## Quality–latency frontier", "", f"Reproduce: `{COMMAND}`", "",
-             f"{plan['tasks']} held-out line-completion tasks, every configuration on the same tasks "
-             f"(sampled: the same per-task seed, {plan['seed']} + task index), {plan['streams']} "
-             f"concurrent streams through the gRPC service, each stopped once its line is complete. "
-             f"Target log-likelihood: the target's mean log-probability per token of the "
-             f"continuation up to the end of the predicted line. Δ: the configuration minus TARGET "
-             f"of the same decoding, with a paired bootstrap 95 % CI (10 000 resamples). Latency "
-             f"relative to TARGET: TARGET's tokens/s over the configuration's, single stream, "
-             f"{plan['speed_tasks']} tasks × {plan['speed_rounds']} interleaved rounds at "
-             f"{results['plan'].get('gamma')} draft tokens; the sequential cascade runs in process "
-             f"on the first {plan['seq_tasks']} tasks and is timed against the in-process TARGET. "
-             f"Lossy speculative decoding is not included (it needs a lenience input to the "
-             f"acceptance test in sampling.py). Run time: "
-             + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in timings.items()) + ".", "",
+    where = (f"in process (`quality_on: engine`: the service's request validation, loop, workers "
+             f"and sampler, {plan['chunk']} tasks sharing each forward; through the service the "
+             f"full plan takes about 110 min here, its verifier serializing the calls), and the "
+             f"first {plan['service_check_tasks']} tasks of every configuration also through the "
+             f"gRPC service (agreement below)") if plan.get("quality_on", "service") == "engine" \
+        else f"through the gRPC service, {plan['streams']} concurrent streams"
+    return (f"{plan['tasks']} held-out line-completion tasks, every configuration on the same tasks "
+            f"(sampled: the same per-task seed, {plan['seed']} + task index), run {where}; each "
+            f"stream stops once its line is complete. Target log-likelihood: the target's mean "
+            f"log-probability per token (fp32) of the continuation up to the end of the predicted "
+            f"line. Δ: the configuration minus TARGET of the same decoding, with a paired "
+            f"bootstrap 95 % CI (10 000 resamples). Latency relative to TARGET: TARGET's tokens/s "
+            f"over the configuration's, through the service, single stream, {plan['speed_tasks']} "
+            f"tasks × {plan['speed_rounds']} interleaved rounds at {plan.get('gamma')} draft tokens "
+            f"and full length; the sequential cascade runs in process on the first "
+            f"{plan['seq_tasks']} tasks and is timed against the in-process TARGET. Lossy "
+            f"speculative decoding is not included (it needs a lenience input to the acceptance "
+            f"test in sampling.py). Run time: "
+            + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in timings.items()) + ".")
+
+
+def _goals(results: dict) -> list[str]:
+    lines = ["| goal (issue 17) | measured | goal | met | detail |", "|---|---:|---:|---|---|"]
+    for name, (value, goal, op, detail) in results.get("goals", {}).items():
+        met = value >= goal if op == "≥" else value <= goal
+        lines.append(f"| {name} | {value:.2f} | {op} {goal} | {'yes' if met else 'no'} | {detail} |")
+    return lines
+
+
+def _sd_ends(results: dict) -> list[str]:
+    lines = ["| rule at its SD end | greedy tok/s | vs SPECULATIVE | sampled tok/s | vs SPECULATIVE |",
+             "|---|---:|---:|---:|---:|"]
+    speed = results["speed"]
+    names = [n for n, s in speed["greedy"].items() if s.get("sd_end")]
+    for name in ["SPECULATIVE"] + names:
+        cells = []
+        for decoding in ("greedy", "sampled"):
+            s = speed[decoding][name]["tokens_per_s"]
+            cells += [f"{s:.1f}", f"{s / speed[decoding]['SPECULATIVE']['tokens_per_s']:.2f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _service_check(results: dict) -> list[str]:
+    check = results.get("service_check") or {}
+    if not check:
+        return []
+    lines = ["### The service gives the same outputs", "",
+             "The first tasks of every configuration, through the gRPC service against the in-process "
+             "quality pass (same tasks, same seeds):", "",
+             "| decoding | configurations | outputs token for token identical | same predicted line |",
+             "|---|---:|---:|---:|"]
+    for decoding, per in check.items():
+        tasks = sum(c["tasks"] for c in per.values())
+        same = sum(c["identical"] for c in per.values())
+        line = sum(c["same_line"] for c in per.values())
+        lines.append(f"| {decoding} | {len(per)} | {same} / {tasks} ({same / tasks:.0%}) | "
+                     f"{line} / {tasks} ({line / tasks:.0%}) |")
+    if results["plan"].get("dtype") != "float32":
+        lines += ["", "In bf16 a row's logits depend slightly on what shares its forward, so a "
+                  "near-tie of the target can be decided differently in process and in the service."]
+    return lines + [""]
+
+
+def section(results: dict, markdown: Path, out_dir: Path) -> str:
+    lines = ["## Quality–latency frontier", "", f"Reproduce: `{COMMAND}`", "", _intro(results), "",
+             *_goals(results), "",
              "### Which metric separates TARGET from DRAFT", "",
              "| decoding | metric | TARGET | DRAFT | DRAFT − TARGET [95 % CI] | separates |",
              "|---|---|---:|---:|---:|---|"]
@@ -106,7 +159,11 @@ def section(results: dict, markdown: Path, out_dir: Path) -> str:
         for metric, label in METRICS.items():
             lines.append(f"| {decoding} | {label} | {t[metric]:.3f} | {d[metric]:.3f} | "
                          f"{_ci(d[f'{metric}_ci'])} | {'yes' if metric in a['separating_metrics'] else 'no'} |")
-    lines.append("")
+    lines += ["", "### Cascade rounds at the SD end", "",
+              "Each rule at the α where π = p (TOKEN_V3: where π keeps only p's argmax, = p when "
+              "greedy) does SPECULATIVE's verification; its rounds should cost the same.", "",
+              *_sd_ends(results), ""]
+    lines += _service_check(results)
     for decoding, a in results["analysis"].items():
         png = out_dir / f"frontier_{decoding}.png"
         plot(a, decoding, png)

@@ -15,6 +15,18 @@ from speccascade.bench.sweep import CONTROLLER, cell  # noqa: E402
 COMMAND = "make bench   # = speccascade bench --out benchmarks --markdown BENCHMARKS.md"
 
 
+def _frontier(markdown: Path, out_dir: Path) -> list[str]:
+    """The frontier section (bench/frontier_report.py) from out_dir/frontier.json, if it was run."""
+    import json
+
+    from speccascade.bench.frontier_report import section
+
+    path = out_dir / "frontier.json"
+    if not path.exists():
+        return ["## Quality–latency frontier", "", "Not run into this folder: `make frontier`.", ""]
+    return [section(json.loads(path.read_text()), markdown, out_dir), ""]
+
+
 def _speed_table(speed: dict) -> list[str]:
     rows = ["| configuration | tokens/s | TTFT p50 ms | ITL p50 / p95 ms | mean accepted length | "
             "round: draft / hidden / verify / other ms | overlap | drafted ahead / discarded, tokens per round |",
@@ -333,6 +345,7 @@ def write(results: dict, out_dir: Path, markdown: Path) -> None:
         "cores were:", "",
         *_cpu_table({f"{n} streams": c for n, c in sorted(svc["concurrency"]["SPECULATIVE"].items(),
                                                           key=lambda kv: int(kv[0]))}, busy=True), "",
+        *_frontier(markdown, out_dir),
         "## GPU", "",
         gpu.read_text().strip() if gpu.exists() else
         "No GPU was lent for this run. `make gpu-check` runs the runner and service tests on CUDA "

@@ -186,8 +186,11 @@ class VerifyWorker(_Worker):
         num_drafts = torch.tensor([len(r.draft_tokens) for r in requests])  # [batch]
         params = [r.sampling for r in requests]
         deferred = torch.zeros(batch, max(gamma, 1), dtype=torch.bool)  # [batch, γ]
-        if all(r.sampling.greedy and r.cascade is None for r in requests):
-            out = sampling.verify_greedy(drafts, num_drafts, p_logits)
+        if all(r.sampling.greedy for r in requests):
+            best = p_logits.argmax(-1)  # [batch, γ+1]
+            if gamma and any(r.cascade is not None for r in requests):
+                deferred = self._greedy_cascade(requests, best, p_logits, drafts, gamma)
+            out = sampling.verify_greedy_tokens(drafts, num_drafts, best)
         else:
             p = sampling.process_logits(p_logits, params)  # [batch, γ+1, vocab]
             q = self._draft_probs(requests, drafts, gamma, vocab)  # [batch, γ, vocab]
@@ -235,6 +238,28 @@ class VerifyWorker(_Worker):
     def _draft_probs(cls, requests, drafts, gamma, vocab) -> torch.Tensor:
         """q′ for every row [batch, γ, vocab]: exactly what its drafter sampled from."""
         return sampling.sparse_to_dense(*cls._sparse_batch(requests, drafts, gamma, "probs"), vocab)
+
+    @staticmethod
+    def _greedy_cascade(requests, best, p_logits, drafts, gamma):
+        """Greedy cascade rows: best[row, :γ] becomes the token of π (in place), without the dense
+        p, q and π of `_cascade` (sampling.cascade_greedy_tokens). Returns deferred [batch, γ]."""
+        deferred = torch.zeros(len(requests), gamma, dtype=torch.bool)  # [batch, γ]
+        rows = [i for i, r in enumerate(requests) if r.cascade is not None and r.draft_tokens]
+        if not rows:
+            return deferred
+        chosen = [requests[i] for i in rows]
+        if any(r.draft_q is None or r.draft_q.raw is None for r in chosen):
+            raise ValueError("cascade verification needs the draft's q′ with raw probabilities")
+        q_raw = torch.ones(len(rows), gamma)  # [rows, γ]; undrafted positions are never read
+        for row, r in enumerate(chosen):
+            q_raw[row, :len(r.draft_tokens)] = r.draft_q.raw[:, 0]  # q(d) = max q: d is q's argmax
+        tokens, dfr = sampling.cascade_greedy_tokens(
+            drafts[rows], p_logits[rows, :gamma].softmax(-1), q_raw, [r.cascade for r in chosen])
+        drafted = torch.arange(gamma)[None, :] < torch.tensor([len(r.draft_tokens) for r in chosen])[:, None]
+        # A row's bonus position (index n) keeps argmax p: π only on drafted positions.
+        best[rows, :gamma] = torch.where(drafted, tokens, best[rows, :gamma])
+        deferred[rows] = dfr & drafted
+        return deferred
 
     @classmethod
     def _cascade(cls, requests, p, q, p_logits, gamma, vocab):
