@@ -411,3 +411,21 @@ def test_greedy_cascade_worker_path_equals_the_dense_sampler(rule, where):
     for b, n in enumerate(lengths):
         examined = min(int(fast.num_accepted[b]) + 1, n)
         assert int(deferred[b, :examined].sum()) == int(dense_deferred[b, :examined].sum())
+
+
+def test_sparse_draft_pickles_through_numpy_and_back():
+    """What crosses the Ray hops: the same tensors (dtype, values) come back, writable."""
+    import pickle
+
+    from speccascade.engine.seam import SparseDraft
+
+    sparse = SparseDraft(torch.tensor([[3, 1], [2, 0]], dtype=torch.int32),
+                         torch.tensor([[0.7, 0.3], [0.6, 0.4]]), torch.tensor([[0.5, 0.2], [0.4, 0.1]]))
+    for original in (sparse, sparse[1:], SparseDraft(sparse.indices, sparse.probs)):
+        back = pickle.loads(pickle.dumps(original))
+        assert back.indices.dtype == torch.int32 and torch.equal(back.indices, original.indices)
+        assert torch.equal(back.probs, original.probs)
+        assert (back.raw is None) == (original.raw is None)
+        if back.raw is not None:
+            assert torch.equal(back.raw, original.raw)
+        back.probs[0, 0] = 1.0  # writable: the verifier may pad into copies of it

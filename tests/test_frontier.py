@@ -145,7 +145,7 @@ def test_quick_frontier_runs_end_to_end(tmp_path):
         assert rows["TARGET"]["target_loglik_ci"]["lo"] == rows["TARGET"]["target_loglik_ci"]["hi"] == 0
         assert results["analysis"][decoding]["pareto"]["target_loglik"]
     greedy = results["outputs"]["greedy"]
-    # Lossless through the service: greedy SPECULATIVE writes TARGET's tokens on every task.
+    # Lossless in process (fp32): greedy SPECULATIVE writes TARGET's tokens on every task.
     # (Outputs are cut at the line's end by the client, at message granularity: compare prefixes.)
     for ref, spec in zip(greedy["TARGET"], greedy["SPECULATIVE"]):
         n = min(len(ref), len(spec))
@@ -153,8 +153,25 @@ def test_quick_frontier_runs_end_to_end(tmp_path):
     assert any(name.startswith("SEQUENTIAL CHOW") for name in greedy)
     assert all(len(runs) == tasks for name, runs in greedy.items() if not name.startswith("SEQ"))
     assert results["estimate_full_run_s"]["total_s"] > 0
+    # The quality pass ran in process; its first tasks also went through the service, which in
+    # fp32 gives the same greedy lines for the lossless configurations.
+    check_tasks = results["plan"]["service_check_tasks"]
+    for decoding in ("greedy", "sampled"):
+        check = results["service_check"][decoding]
+        assert set(check) == {n for n in results["analysis"][decoding]["rows"]
+                              if not n.startswith("SEQUENTIAL")}
+        assert all(c["tasks"] == check_tasks for c in check.values())
+        # Every rule at its SD end is timed beside SPECULATIVE.
+        ends = [s for s in results["speed"][decoding].values() if s.get("sd_end")]
+        assert {s["rule"] for s in ends} == {"CHOW", "DIFF", "OPT", "TOKEN_V1", "TOKEN_V2", "TOKEN_V3"}
+        assert all(s["tokens_per_s"] > 0 for s in ends)
+    for name in ("TARGET", "SPECULATIVE"):
+        assert results["service_check"]["greedy"][name]["same_line"] == check_tasks, name
+    assert len(results["goals"]) == 3
+    assert all(value >= 0 for value, *_ in results["goals"].values())
     assert set(results["best_cascade"]) == {"greedy", "sampled"}
     text = (out / "frontier.md").read_text()
     assert text.startswith("## Quality–latency frontier")
     assert "Which metric separates TARGET from DRAFT" in text and "![frontier sampled]" in text
     assert "The knob" in text
+    assert "Cascade rounds at the SD end" in text and "The service gives the same outputs" in text
