@@ -398,7 +398,7 @@ def test_greedy_cascade_worker_path_equals_the_dense_sampler(rule, where):
                                       CascadeParams(rule, greedy_alpha(rule, where))))
     num_drafts = torch.tensor(lengths)
     best = p_logits.argmax(-1)
-    deferred = VerifyWorker._greedy_cascade(requests, best, p_logits, drafts, gamma)
+    deferred = VerifyWorker._greedy_cascade(requests, best, p_logits, drafts, num_drafts)
     fast = sampling.verify_greedy_tokens(drafts, num_drafts, best)
     greedy = [SamplingParams()] * 3
     p = process_logits(p_logits, greedy)
@@ -429,3 +429,14 @@ def test_sparse_draft_pickles_through_numpy_and_back():
         if back.raw is not None:
             assert torch.equal(back.raw, original.raw)
         back.probs[0, 0] = 1.0  # writable: the verifier may pad into copies of it
+
+
+def test_greedy_cascade_tokens_reject_mismatched_shapes():
+    params = [CascadeParams(R.CHOW, 0.5)]
+    p_raw = torch.full((1, 3, 5), 0.2)
+    with pytest.raises(ValueError, match="draft_tokens and q_raw_drafted"):
+        sampling.cascade_greedy_tokens(torch.zeros(1, 3, dtype=torch.long), p_raw,
+                                       torch.ones(1, 2), params)  # q_raw for 2 positions, not 3
+    with pytest.raises(ValueError, match="draft_tokens and q_raw_drafted"):
+        sampling.cascade_greedy_tokens(torch.zeros(1, 2, dtype=torch.long), p_raw,
+                                       torch.ones(1, 2), params)  # drafts and q_raw agree, p_raw not

@@ -420,7 +420,7 @@ def cascade_greedy_tokens(draft_tokens: Tensor, p_raw: Tensor, q_raw_drafted: Te
     q_raw_drafted [batch, k] temperature-1 q of the drafted token. Returns (tokens π picks
     [batch, k], deferred [batch, k] bool), deferred as in ``cascade_target``.
     """
-    if p_raw.dim() != 3 or p_raw.shape[:2] != draft_tokens.shape != q_raw_drafted.shape:
+    if p_raw.dim() != 3 or not p_raw.shape[:2] == draft_tokens.shape == q_raw_drafted.shape:
         raise ValueError("p_raw must be [batch, k, vocab], draft_tokens and q_raw_drafted [batch, k]")
     if p_raw.shape[0] != len(params):
         raise ValueError(f"{len(params)} cascade params for a batch of {p_raw.shape[0]}")

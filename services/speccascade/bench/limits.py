@@ -97,11 +97,12 @@ def explain(results: dict) -> list[str]:
 
 
 def _slowest(table: dict) -> str:
-    ends = {name: s for name, s in table.items() if name.endswith("SD end")}
-    name = min(ends, key=lambda n: ends[n]["tokens_per_s"])
+    from speccascade.bench.service import slowest_sd_end
+
+    _, name = slowest_sd_end(table, "SPECULATIVE pipelined")
     spec = table["SPECULATIVE pipelined"]
-    return (f"slowest: {name}, {ends[name]['tokens_per_s']:.1f} against {spec['tokens_per_s']:.1f} "
-            f"tok/s; {_round(ends[name])}; SPECULATIVE: {_round(spec)}")
+    return (f"slowest: {name}, {table[name]['tokens_per_s']:.1f} against {spec['tokens_per_s']:.1f} "
+            f"tok/s; {_round(table[name])}; SPECULATIVE: {_round(spec)}")
 
 
 def _sweep_why(sweep: dict) -> dict[str, str]:

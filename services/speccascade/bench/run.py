@@ -212,8 +212,7 @@ def derive(results: dict, plan: BenchPlan) -> dict:
     sampled_speedup = sampled["SPECULATIVE pipelined"]["tokens_per_s"] / sampled["TARGET"]["tokens_per_s"]
 
     def sd_end_ratio(table) -> float:  # the slowest rule at its SD end, against SPECULATIVE
-        return min(s["tokens_per_s"] for name, s in table.items() if name.endswith("SD end")) / \
-            table["SPECULATIVE pipelined"]["tokens_per_s"]
+        return service.slowest_sd_end(table, "SPECULATIVE pipelined")[0]
 
     conc = svc["concurrency"]
 

@@ -23,6 +23,14 @@ def sd_end_cascades(gamma: int, **fields) -> dict[str, dict]:
             for rule in DeferralRule}
 
 
+def slowest_sd_end(table: dict[str, dict], reference: str) -> tuple[float, str]:
+    """The slowest `sd_end_cascades` configuration of a speed table against `reference`:
+    (its tokens/s over the reference's, its name)."""
+    ends = {name: s["tokens_per_s"] for name, s in table.items() if name.endswith(" SD end")}
+    slowest = min(ends, key=ends.get)
+    return ends[slowest] / table[reference]["tokens_per_s"], slowest
+
+
 def speed_configs(plan) -> dict[str, dict]:
     """Greedy, single stream."""
     configs = {

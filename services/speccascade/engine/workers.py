@@ -189,7 +189,7 @@ class VerifyWorker(_Worker):
         if all(r.sampling.greedy for r in requests):
             best = p_logits.argmax(-1)  # [batch, γ+1]
             if gamma and any(r.cascade is not None for r in requests):
-                deferred = self._greedy_cascade(requests, best, p_logits, drafts, gamma)
+                deferred = self._greedy_cascade(requests, best, p_logits, drafts, num_drafts)
             out = sampling.verify_greedy_tokens(drafts, num_drafts, best)
         else:
             p = sampling.process_logits(p_logits, params)  # [batch, γ+1, vocab]
@@ -240,9 +240,10 @@ class VerifyWorker(_Worker):
         return sampling.sparse_to_dense(*cls._sparse_batch(requests, drafts, gamma, "probs"), vocab)
 
     @staticmethod
-    def _greedy_cascade(requests, best, p_logits, drafts, gamma):
+    def _greedy_cascade(requests, best, p_logits, drafts, num_drafts):
         """Greedy cascade rows: best[row, :γ] becomes the token of π (in place), without the dense
         p, q and π of `_cascade` (sampling.cascade_greedy_tokens). Returns deferred [batch, γ]."""
+        gamma = drafts.shape[1]
         deferred = torch.zeros(len(requests), gamma, dtype=torch.bool)  # [batch, γ]
         rows = [i for i, r in enumerate(requests) if r.cascade is not None and r.draft_tokens]
         if not rows:
@@ -255,7 +256,7 @@ class VerifyWorker(_Worker):
             q_raw[row, :len(r.draft_tokens)] = r.draft_q.raw[:, 0]  # q(d) = max q: d is q's argmax
         tokens, dfr = sampling.cascade_greedy_tokens(
             drafts[rows], p_logits[rows, :gamma].softmax(-1), q_raw, [r.cascade for r in chosen])
-        drafted = torch.arange(gamma)[None, :] < torch.tensor([len(r.draft_tokens) for r in chosen])[:, None]
+        drafted = torch.arange(gamma)[None, :] < num_drafts[rows][:, None]  # [rows, γ]
         # A row's bonus position (index n) keeps argmax p: π only on drafted positions.
         best[rows, :gamma] = torch.where(drafted, tokens, best[rows, :gamma])
         deferred[rows] = dfr & drafted
