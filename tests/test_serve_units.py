@@ -12,7 +12,7 @@ from speccascade.models.runner import CapacityError, ContextLengthError
 from speccascade.sampling import DeferralRule, ParamError
 from speccascade.serve import errors
 from speccascade.serve.config import ServiceConfig
-from speccascade.serve.replica import _isolated
+from speccascade.serve.batching import isolated as _isolated
 from speccascade.serve.request import Limits, to_generation_request
 from speccascade.serve.router import is_loopback_peer
 from speccascade.v1 import generation_pb2 as pb
@@ -57,7 +57,7 @@ def test_config_defaults_are_the_embedded_pair_on_loopback():
     {"drafter": {"ray_actor_options": {"num_cpus": -1}}},
     {"router_queue_cap": 1000},                                          # above max_ongoing
     {"verifier": {"max_ongoing_requests": 32}},                          # < max_live_seqs: rejects
-    {"transport": {"serialization": "json"}},
+    {"transport": {"prefer_ipc": "sometimes"}},
     {"draft_top_k": 0},
     {"draft_ahead_waste_cost": 1.5},
 ])
@@ -66,9 +66,7 @@ def test_config_rejects(bad):
         ServiceConfig.load(bad)
 
 
-def test_transport_reaches_every_deployment_and_the_router_handles():
-    from ray.serve._private.handle_options import DynamicHandleOptions
-
+def test_transport_env_reaches_every_deployment():
     from speccascade.serve.app import build_app
 
     config = ServiceConfig()
@@ -80,12 +78,11 @@ def test_transport_reaches_every_deployment_and_the_router_handles():
                             (drafter, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}),
                             (verifier, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"})):
         assert deployment.ray_actor_options["runtime_env"]["env_vars"] == env
-    # the handle options are ones Serve's DeploymentHandle.options accepts, by these names
-    options = DynamicHandleOptions().copy_and_update(**config.transport.handle_options())
-    assert options._by_reference is False and options.request_serialization == "pickle"
-    assert options.response_serialization == "pickle"
+    # Serve's default router (least loaded of two) places sessions: no custom request router
+    assert drafter._deployment_config.request_router_config.request_router_class.endswith(
+        "PowerOfTwoChoicesRequestRouter")
     off = ServiceConfig.load({"transport": {"user_code_on_main_loop": False,
-                                            "router_on_main_loop": False, "by_reference": True}})
+                                            "router_on_main_loop": False}})
     assert "runtime_env" not in off.router.serve_options(off.transport.env_vars(True))[
         "ray_actor_options"]
 

@@ -18,7 +18,6 @@ from speccascade.models.loader import default_pair_paths
 
 # "auto": bfloat16 where the device computes it natively and it measured faster, else float32.
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]
-CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 
 
 class _Strict(BaseModel):
@@ -50,7 +49,8 @@ class DeploymentSpec(_Strict):
     health_check_period_s: float = Field(2.0, gt=0)
     # Serve's access log writes a line per call: thousands per second between router and models.
     access_log: bool = False
-    # @serve.batch (drafter/verifier only): calls waiting while a forward runs join the next one.
+    # Drafter/verifier engines: calls that arrived while a forward ran join the next one, up to
+    # max_batch_size sequences; batch_wait_timeout_s > 0 also waits that long for more.
     max_batch_size: PositiveInt = 16
     batch_wait_timeout_s: float = Field(0.0, ge=0, le=1)
 
@@ -82,24 +82,16 @@ class DeploymentSpec(_Strict):
 
 
 class TransportSpec(_Strict):
-    """How the router's calls reach the drafter and verifier (REFERENCE.md §9). Everything stays
-    a Serve handle call, so routing (consistent hashing on the request id), queue accounting for
-    autoscaling and fail-over are Serve's; these options only cut its per-call overhead."""
-    # False: Serve's interdeployment gRPC, one HTTP/2 round trip instead of a streaming actor
-    # call plus an object fetch (4 MiB message cap; a round ships a few KB).
-    by_reference: bool = False
-    serialization: Literal["cloudpickle", "pickle"] = "pickle"  # our payloads are plain data
+    """How rounds and requests travel (REFERENCE.md §13). Rounds never cross Serve: a request opens
+    one session per side (a Serve streaming call), then talks to that replica's engine over ZMQ."""
+    # The engine's ipc:// socket when the router shares its node, else tcp on the node's IP.
+    # False: always tcp (what a multi-node cluster uses; the tests check both).
+    prefer_ipc: bool = True
     # RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in every deployment: user code on the replica's
-    # main loop (no hop between loops). Model calls stay on the replica's forward thread.
+    # main loop (no hop between loops).
     user_code_on_main_loop: bool = True
     # RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 in the router: its handles route on its own loop.
     router_on_main_loop: bool = True
-
-    def handle_options(self) -> dict[str, Any]:
-        """Keyword arguments for `DeploymentHandle.options` on the router's calls."""
-        return {"_by_reference": self.by_reference,
-                "request_serialization": self.serialization,
-                "response_serialization": self.serialization}
 
     def env_vars(self, calls_handles: bool) -> dict[str, str]:
         """Replica env vars (read when the replica imports Serve; set through runtime_env)."""
@@ -155,9 +147,6 @@ class ServiceConfig(_Strict):
     verifier: DeploymentSpec = Field(default_factory=DeploymentSpec)
     router: DeploymentSpec = Field(default_factory=lambda: DeploymentSpec(
         max_ongoing_requests=512, ray_actor_options=ActorOptions(num_cpus=0.25)))
-    # 0 = strict affinity: a busy replica makes the call wait rather than go to a replica that
-    # lacks the sequence's KV cache (a re-prefill, and a stale entry left behind).
-    num_fallback_replicas: int = Field(0, ge=0)
     # -- data path ---------------------------------------------------------------------------
     transport: TransportSpec = Field(default_factory=TransportSpec)
     # Sampled rounds ship the draft's q truncated to its top k tokens (q′, what it samples from).
@@ -180,13 +169,12 @@ class ServiceConfig(_Strict):
             spec: DeploymentSpec = getattr(self, role)
             if spec.max_ongoing_requests < spec.max_batch_size:
                 raise ValueError(f"{role}.max_ongoing_requests must be >= {role}.max_batch_size")
-            # A request keeps at most one call in flight per deployment (serve.remote) and holds
-            # a KV entry on one replica; that replica must never reject it (≥ 25 ms backoff) —
-            # even when every live sequence of the replica has a call queued, plus releases.
+            # A live sequence holds one session (one ongoing request) on its replica: a replica
+            # that accepts more sessions than its KV budget holds would refuse their first call.
             if spec.max_ongoing_requests < self.max_live_seqs:
                 raise ValueError(f"{role}.max_ongoing_requests ({spec.max_ongoing_requests}) must "
-                                 f"be >= max_live_seqs ({self.max_live_seqs}), so the replica "
-                                 f"holding a request's KV cache never rejects its call")
+                                 f"be >= max_live_seqs ({self.max_live_seqs}): each live "
+                                 f"sequence holds one session on its replica")
         return self
 
     def model_paths(self) -> tuple[Path, Path]:

@@ -1,86 +1,128 @@
-"""RemoteDrafter / RemoteVerifier: the seam's async Drafter and Verifier over Serve handles.
+"""RemoteDrafter / RemoteVerifier: the seam's Drafter and Verifier, a session and a direct data path.
 
-KV-cache affinity: every call of one request carries `session_id=request_id`, and the drafter and
-verifier deployments route with Ray's ConsistentHashRouter, so all calls of a request reach the
-replica holding its cache (REFERENCE.md §5). Fail-over: a call whose replica died is simply sent
-again. Every call carries the full committed sequence, so whichever replica receives it re-prefills
-from it and the output is unchanged; the router's committed sequence stays the source of truth.
+Per request and side, one Serve call opens a session (serve.replica.ModelReplica.session): Serve
+routes it to the least-loaded replica and counts it while it stays open; it yields the engine's
+address and the sequence's token. Every round then goes straight to that engine over ZMQ
+(serve.engine_client), ipc:// on the same node, tcp on the node's IP otherwise. KV affinity holds
+by construction: the session pins the request to one replica.
+
+Fail-over: a session's stream ends or fails when its replica or engine dies. A call racing that
+end is abandoned and sent again on a new session, which Serve routes to a live replica. Every call
+carries the full committed sequence, so the new replica re-prefills from it and the output is
+unchanged; the router's committed sequence stays the source of truth.
 """
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import contextlib
 import logging
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
 from speccascade.engine.seam import DraftRequest, DraftResult, VerifyRequest, VerifyResult
+from speccascade.serve import wire
+from speccascade.serve.engine_client import clients
 from speccascade.serve.errors import ReplicaFailedError
 
 logger = logging.getLogger("ray.serve")
 
-# What a dead or restarting replica looks like to a caller. Errors raised by our own code in a
-# replica arrive as RayTaskError and are not retried: a re-send would fail the same way.
+# What a dead or restarting replica looks like to a caller.
 REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
-# Ray 2.60: calls made from one incoming request share its internal request id, and the
-# ConsistentHashRouter matches routed calls to waiting ones by that id only — so two calls of one
-# request in flight to the same deployment at once never complete (reproduced: a burst of 8 hangs,
-# the default router serves it in 25 ms). Each adapter therefore keeps at most one call in flight.
+class SessionLostError(RuntimeError):
+    """The session's replica or engine went away while a call was in flight."""
+
+
+class Session:
+    """One sequence's open session on one replica: its Serve stream and its engine's client."""
+
+    def __init__(self, stream, info: wire.SessionInfo, seq_id: str, node_id: str):
+        self.stream, self.info, self.seq_id = stream, info, seq_id
+        self.client = clients.acquire(info.ipc if info.node_id == node_id else info.tcp)
+        # The stream yields nothing more while the session lives: this finishes only at its end.
+        self.ended = asyncio.ensure_future(anext(stream, None))
+
+    @classmethod
+    async def open(cls, handle, seq_id: str, node_id: str) -> "Session":
+        stream = handle.options(stream=True, method_name="session").remote(seq_id)
+        info = await anext(stream)
+        return cls(stream, info, seq_id, node_id)
+
+    async def call(self, kind: str, **payload) -> wire.Reply:
+        call = asyncio.ensure_future(self.client.call(kind, self.seq_id, self.info.token,
+                                                      **payload))
+        done, _ = await asyncio.wait({call, self.ended}, return_when=asyncio.FIRST_COMPLETED)
+        if call in done:
+            return call.result()
+        call.cancel()
+        error = None if self.ended.cancelled() else self.ended.exception()
+        raise SessionLostError(f"session on {self.info.replica} ended: "
+                               f"{type(error).__name__ if error else 'stream closed'}")
+
+    async def close(self, release: bool) -> None:
+        try:
+            if release and not self.ended.done():
+                with contextlib.suppress(Exception):
+                    await self.call("release")
+        finally:
+            self.stream.cancel()       # the replica's session ends (its finally also releases)
+            self.ended.cancel()
+            clients.release(self.client)
 
 
 class _Remote:
-    method = ""  # the deployment method behind the seam call
+    kind = ""  # "draft" or "verify"
 
-    def __init__(self, handle, session_id: str, *, attempts: int, backoff_s: float,
-                 transport: dict | None = None):
-        # Handles are built once per request, not per round (`options` copies a handle).
-        # `transport`: ServiceConfig.transport.handle_options(), e.g. interdeployment gRPC.
-        base = handle.options(session_id=session_id, **(transport or {}))
-        self._handle = base.options(method_name=self.method)
-        self._release_handle = base.options(method_name="release")
-        self._session_id = session_id
-        self._attempts = attempts
-        self._backoff_s = backoff_s
-        self._one_at_a_time = asyncio.Lock()
+    def __init__(self, handle, seq_id: str, *, attempts: int, backoff_s: float, node_id: str):
+        self._handle, self._seq_id, self._node_id = handle, seq_id, node_id
+        self._attempts, self._backoff_s = attempts, backoff_s
+        self._session: Session | None = None
+        self._opening = asyncio.Lock()
 
-    async def _send(self, handle, *args):
-        async with self._one_at_a_time:
-            return await handle.remote(*args)
+    async def _open(self) -> Session:
+        async with self._opening:
+            if self._session is None:
+                self._session = await Session.open(self._handle, self._seq_id, self._node_id)
+            return self._session
 
-    async def _call(self, *args):
+    async def _drop(self, session: Session | None) -> None:
+        if session is not None and self._session is session:
+            self._session = None
+            await session.close(release=False)
+
+    async def _call(self, request):
         for attempt in range(self._attempts + 1):
+            session = None
             try:
-                return await self._send(self._handle, *args)
-            except REPLICA_LOST as error:
+                session = await self._open()
+                reply = await session.call(self.kind, **{self.kind: request})
+                return getattr(reply, self.kind)
+            except (SessionLostError, *REPLICA_LOST) as error:
+                await self._drop(session)
                 if attempt == self._attempts:
-                    raise ReplicaFailedError(f"{self.method} failed {attempt + 1} times: "
-                                             f"{type(error).__name__}") from error
-                logger.warning("%s of %s: replica lost (%s), sending again", self.method,
-                               self._session_id, type(error).__name__)
-                # Until Serve notices the death the ring may still name the dead replica.
+                    raise ReplicaFailedError(f"{self.kind} failed {attempt + 1} times: "
+                                             f"{error}") from error
+                logger.warning("%s of %s: %s, opening a new session", self.kind, self._seq_id,
+                               error)
                 await asyncio.sleep(self._backoff_s * 2 ** attempt)
 
     async def release(self, seq_id: str) -> None:
-        # No retry: a replica that died took the sequence's cache with it. Sent from an empty
-        # context, i.e. not as a child call of the request: Serve cancels the in-flight child calls
-        # of a cancelled request (client cancel or deadline), and this call must still arrive.
-        call = asyncio.get_running_loop().create_task(self._send(self._release_handle, seq_id),
-                                                      context=contextvars.Context())
-        await asyncio.shield(call)
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close(release=True)
 
 
 class RemoteDrafter(_Remote):
-    method = "draft"
+    kind = "draft"
 
     async def draft(self, request: DraftRequest) -> DraftResult:
         return await self._call(request)
 
 
 class RemoteVerifier(_Remote):
-    method = "verify"
+    kind = "verify"
 
     async def verify(self, request: VerifyRequest) -> VerifyResult:
         return await self._call(request)

@@ -1,20 +1,41 @@
-"""What the drafter and verifier replicas share: model loading, one forward thread, batch isolation.
+"""ModelReplica: a drafter or verifier Serve replica, a thin front end to its engine process.
 
-A replica's worker (engine.workers) is not thread-safe, so every operation on it — batched
-forwards and releases alike — runs on one dedicated thread. The event loop stays free meanwhile,
-so calls arriving during a forward queue up in `@serve.batch` and share the next forward.
+The replica holds no model and runs no torch op. Its engine (serve.engine_core) is a child process
+with the model, KV slab and worker, reached over ZMQ (serve.wire). Serve stays the control plane:
+
+- `session(seq_id)` is a streaming call a router keeps open for a request's lifetime. It yields
+  the engine's addresses and the sequence's token once, then waits. Serve counts it as one ongoing
+  request for as long as the sequence lives, so `max_ongoing_requests`, least-loaded routing and
+  autoscaling see live sequences (not whichever per-round calls happen to be in flight), and the
+  request's KV stays on the replica that routed its session. When the stream ends (request done,
+  cancelled, or its router gone) the `finally` frees the sequence's KV.
+- `check_health` fails when the engine process is gone, so Serve replaces the replica.
+- `stats` asks the engine.
+
+The engine is spawned (never forked after torch loads) by a thread that lives as long as the
+replica and waits on it: the child's parent-death signal fires when that thread exits.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
 
-import torch
-
-from speccascade.serve.config import DeploymentSpec, ServiceConfig
+from speccascade.serve import wire
+from speccascade.serve.config import ServiceConfig
+from speccascade.serve.engine_client import EngineClient, ping_sync
 from speccascade.serve.metrics import ReplicaMetrics
+
+ENGINE_START_TIMEOUT_S = 600      # loading a model and calibrating its costs
+SESSION_CHECK_S = 1.0             # how often an open session looks at its engine
 
 
 def serve_replica_name(default: str) -> str:
@@ -37,108 +58,127 @@ def world_size() -> int:
         return 1
 
 
-def _isolated(batch_fn: Callable[[list], list], items: list) -> list:
-    """batch_fn over items, returning an exception in place of each item's result that failed.
-
-    A sequence may appear once per forward, so repeated seq_ids go to separate forwards. If a
-    forward fails, its items are retried one by one so that one bad request (say, a full KV budget
-    for a new sequence) does not fail the requests that happened to share its batch.
-    """
-    groups: list[list[int]] = []
-    for index, item in enumerate(items):
-        group = next((g for g in groups if all(items[i].seq_id != item.seq_id for i in g)), None)
-        if group is None:
-            groups.append(group := [])
-        group.append(index)
-    results: list[Any] = [None] * len(items)
-    for group in groups:
-        batch = [items[i] for i in group]
-        try:
-            outputs = batch_fn(batch)
-        except Exception as error:  # noqa: BLE001 - handed to the caller(s), not raised here
-            outputs = [error] if len(batch) == 1 else [_one(batch_fn, item) for item in batch]
-        for index, output in zip(group, outputs):
-            results[index] = output
-    return results
-
-
-def _one(batch_fn: Callable[[list], list], item) -> Any:
+def node() -> tuple[str, str]:
+    """(Ray node id, the IP its engines bind for callers on other nodes)."""
     try:
-        return batch_fn([item])[0]
-    except Exception as error:  # noqa: BLE001
-        return error
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray: this host only
+        return "local", "127.0.0.1"
+
+
+class EngineGoneError(RuntimeError):
+    """The replica's engine process exited; Serve's health check replaces the replica."""
 
 
 class ModelReplica:
-    """Base of Drafter and Verifier. Subclasses set `role` and build `self.worker`."""
+    """Base of Drafter and Verifier; subclasses set `role` ("drafter" or "verifier")."""
 
     role = ""
 
-    def __init__(self, config: ServiceConfig | dict, spec: DeploymentSpec):
+    def __init__(self, config: ServiceConfig | dict):
         self.config = ServiceConfig.load(config)
-        torch.set_num_threads(spec.torch_threads)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-forward")
+        self.name = serve_replica_name(f"{self.role}:{os.getpid()}")
+        self.node_id, host = node()
+        self._secret = secrets.token_bytes(32)
+        self._dir = tempfile.mkdtemp(prefix=f"speccascade-{self.role}-")  # mode 0700: ours only
+        self.ipc = f"ipc://{self._dir}/engine"
         self._metrics = ReplicaMetrics(self.role)
-        self._batches = self._batched_calls = 0
-        self._reaper: asyncio.Task | None = None
+        self._control: EngineClient | None = None
+        self._proc: subprocess.Popen | None = None
+        started = threading.Event()
+        threading.Thread(target=self._own_engine, args=(host, started), daemon=True,
+                         name=f"{self.role}-engine").start()
+        started.wait()
+        info = self._wait_ready()
+        self.engine_pid, self.tcp = info["pid"], info["addresses"]["tcp"]
 
-    def _name_worker(self) -> None:
-        self.worker.replica_name = serve_replica_name(self.worker.replica_name)
+    # -- the engine process ------------------------------------------------------------------
+    def _own_engine(self, host: str, started: threading.Event) -> None:
+        """Spawn the engine and wait on it, for the replica's whole life (see the docstring)."""
+        spec = {"role": self.role, "config": self.config.model_dump(mode="json"),
+                "secret": self._secret.hex(), "ipc": self.ipc, "host": host,
+                "replica": self.name, "parent_pid": os.getpid()}
+        env = {**os.environ, "OMP_NUM_THREADS": str(getattr(self.config, self.role).torch_threads)}
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-m", "speccascade.serve.engine_core"],
+                                          stdin=subprocess.PIPE, env=env, text=True)
+            self._proc.stdin.write(json.dumps(spec) + "\n")  # the secret never shows in `ps`
+            self._proc.stdin.close()
+        finally:
+            started.set()
+        self._proc.wait()
 
-    def _start_reaper(self) -> None:
-        """Started by the first call (the constructor runs outside the replica's event loop)."""
-        if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+    def _wait_ready(self) -> dict:
+        deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            self._check_engine()
+            info = ping_sync(self.ipc, self._secret, timeout_s=0.5)
+            if info is not None:
+                return info
+        raise EngineGoneError(f"{self.role} engine not ready after {ENGINE_START_TIMEOUT_S} s")
 
-    async def _reap(self) -> None:
-        # Entries of a router that died mid-request get no release call; without this they would
-        # hold the KV budget until it fills (eviction at capacity is the other trigger).
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.config.kv_idle_evict_s / 2)
-            # The same eviction the runner runs when its budget is full.
-            await loop.run_in_executor(self._thread, self.worker.runner.evict_idle)
-            self._report_kv()
+    def _check_engine(self) -> None:
+        code = None if self._proc is None else self._proc.poll()
+        if self._proc is None or code is not None:
+            raise EngineGoneError(f"{self.role} engine process exited (code {code})")
 
-    def _configure_batching(self, batch_method, spec: DeploymentSpec) -> None:
-        batch_method.set_max_batch_size(spec.max_batch_size)
-        batch_method.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+    async def _call(self, kind: str, seq_id: str = wire.CONTROL_SEQ) -> wire.Reply:
+        if self._control is None:
+            self._control = EngineClient(self.ipc)
+        return await self._control.call(kind, seq_id, wire.session_token(self._secret, seq_id))
 
-    async def _run_batch(self, batch_fn: Callable[[list], list], items: list) -> list:
-        self._start_reaper()
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._thread, _isolated, batch_fn, items)
-        self._batches += 1
-        self._batched_calls += len(items)
-        self._report_kv()
-        return results
+    def __del__(self):
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
-    def _report_kv(self) -> None:
-        self._metrics.set_live(self.worker.live_sequences(), *self.worker.runner.kv_tokens())
+    # -- Serve methods -----------------------------------------------------------------------
+    async def session(self, seq_id: str):
+        """A sequence's lease on this replica (see the module docstring)."""
+        self._check_engine()
+        yield wire.SessionInfo(replica=self.name, node_id=self.node_id, ipc=self.ipc,
+                               tcp=self.tcp, token=wire.session_token(self._secret, seq_id))
+        opened = time.monotonic()
+        idle_limit = self.config.kv_idle_evict_s
+        try:
+            while True:
+                await asyncio.sleep(SESSION_CHECK_S)
+                self._check_engine()  # raising ends the stream: the router fails over
+                if time.monotonic() - opened > idle_limit:  # a router that vanished silently
+                    idle = (await self._call("stats")).info["idle_s"].get(seq_id)
+                    if (idle if idle is not None else time.monotonic() - opened) > idle_limit:
+                        return
+        finally:
+            if self._proc is not None and self._proc.poll() is None:
+                await asyncio.shield(self._release(seq_id))
 
-    async def release(self, seq_id: str) -> None:
-        """Drop a sequence's KV entry (on the forward thread: never during a forward)."""
-        await asyncio.get_running_loop().run_in_executor(self._thread, self.worker.release, seq_id)
-        self._report_kv()
+    async def _release(self, seq_id: str) -> None:
+        try:
+            await asyncio.wait_for(self._call("release", seq_id), 30)
+        except Exception:  # noqa: BLE001 - the engine's idle eviction is the backstop
+            pass
+
+    async def check_health(self) -> None:
+        self._check_engine()
+        try:  # the gauges; a slow answer (a long forward) is not a failure
+            stats = (await asyncio.wait_for(self._call("stats"), 5)).info
+            self._metrics.set_live(stats["live_sequences"], stats["kv_tokens_used"],
+                                   stats["kv_tokens_total"])
+        except asyncio.TimeoutError:
+            pass
 
     async def stats(self) -> dict[str, Any]:
-        self._start_reaper()
-        runner = self.worker.runner
-        used, total = runner.kv_tokens()
-        cost = self.worker.costs.report()
-        return {"cost_coefficients": list(cost.coef), "mean_batch_rows": cost.rows,
-                "busy_fraction": cost.busy, "active_sequences": cost.active,
-                "role": self.role, "replica": self.worker.replica_name,
-                "live_sequences": self.worker.live_sequences(), "world_size": world_size(),
-                "batches": self._batches, "batched_calls": self._batched_calls, "pid": os.getpid(),
-                "kv_tokens_used": used, "kv_tokens_total": total,
-                "kv_cache_bytes": runner.cache.bytes, "max_live_seqs": runner.max_live_seqs,
-                "dtype": str(runner.model.dtype).removeprefix("torch."),
-                "dtype_choice": getattr(runner.model, "dtype_choice", "")}
+        self._check_engine()
+        stats = (await self._call("stats")).info
+        stats.pop("idle_s", None)
+        return {**stats, "world_size": world_size(), "front_end_pid": os.getpid()}
 
 
-def unwrap(result):
-    """A batch item is a result or the exception its own request raised."""
-    if isinstance(result, BaseException):
-        raise result
-    return result
+class Drafter(ModelReplica):
+    role = "drafter"
+
+
+class Verifier(ModelReplica):
+    role = "verifier"

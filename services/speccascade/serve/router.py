@@ -4,9 +4,9 @@ Method names equal the RPC names of `speccascade.v1.Generation` and of the stand
 `grpc.health.v1.Health` (`Check`, `Watch`); `GenerateStream` and `Watch` are async generators,
 which Serve serves as server-streaming RPCs. serve.http adds the OpenAI-compatible HTTP routes to
 this class, so both doors run in one replica and share `_deltas`. For each request the router
-validates it (serve.request), adapts the drafter/verifier handles into the seam's interfaces with
-KV-cache affinity (serve.remote) and runs the shared generation loop (engine.loop), which holds the
-committed sequence. Every failure is answered through serve.errors, never as a bare INTERNAL.
+validates it (serve.request), opens a session on a drafter and a verifier replica whose rounds
+then go straight to their engine processes (serve.remote) and runs the shared generation loop
+(engine.loop), which holds the committed sequence. Every failure is answered through serve.errors, never as a bare INTERNAL.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from speccascade.models.loader import check_pair, load_tokenizer
 from speccascade.serve import errors
 from speccascade.serve.config import ServiceConfig
 from speccascade.serve.metrics import RouterMetrics
-from speccascade.serve.remote import RemoteDrafter, RemoteVerifier
+from speccascade.serve.remote import RemoteDrafter, RemoteVerifier, Session
 from speccascade.serve.replica import serve_replica_name
 from speccascade.serve.request import Limits, RequestFields, to_generation_request
 from speccascade.v1 import generation_pb2 as pb
@@ -92,6 +92,12 @@ async def within(deltas: AsyncIterator[Delta], deadline: float) -> AsyncIterator
         yield delta
 
 
+async def _timed(call) -> float:
+    started = time.perf_counter()
+    await call
+    return (time.perf_counter() - started) * 1000
+
+
 class Router:
     def __init__(self, drafter, verifier, config: ServiceConfig | dict):
         self.config = cfg = ServiceConfig.load(config)
@@ -106,7 +112,10 @@ class Router:
             max_seq_len=min(target.max_position_embeddings, draft.max_position_embeddings))
         self._inflight = 0
         self._metrics = RouterMetrics()
-        self._transport = cfg.transport.handle_options()
+        from speccascade.serve.replica import node
+
+        # Sessions on engines of this node use their ipc:// socket (unless the config says tcp).
+        self._node_id = node()[0] if cfg.transport.prefer_ipc else "never-ipc"
         self._controller = SpeculationController(cfg.controller_max_num_draft_tokens)
 
     # -- RPCs --------------------------------------------------------------------------------
@@ -226,18 +235,23 @@ class Router:
             return False, errors.status_for(exc)[1], ({}, {})
         return True, "serving", (draft, target)
 
-    async def rpc_floor(self, calls: int = 100) -> dict[str, float]:
-        """Median round trip (ms) of an empty call to the verifier, timed in this replica over
-        the transport the rounds use (same handle options and replica env vars); bench.measure."""
-        handle = self._verifier.options(session_id="bench-rpc-floor", method_name="stats",
-                                        **self._transport)
-        times = []
-        for _ in range(calls + 1):  # the first call warms the connection up
-            started = time.perf_counter()
-            await handle.remote()
-            times.append((time.perf_counter() - started) * 1000)
-        times = sorted(times[1:])
-        return {"median_ms": times[len(times) // 2], "calls": calls}
+    async def rpc_floor(self, calls: int = 200) -> dict[str, float]:
+        """Round trips (ms) timed in this replica: an empty data-path call to a verifier engine
+        over the path the rounds use (p50, p99), and an empty Serve call to a verifier replica
+        (median) for comparison; bench.measure."""
+        session = await Session.open(self._verifier, f"bench-floor-{uuid.uuid4().hex}",
+                                     self._node_id)
+        try:
+            data = [await _timed(session.call("ping")) for _ in range(calls + 1)][1:]
+        finally:
+            await session.close(release=True)
+        handle = self._verifier.options(method_name="stats")
+        serve_calls = [await _timed(handle.remote()) for _ in range(calls // 4 + 1)][1:]
+        data.sort()
+        serve_calls.sort()
+        return {"median_ms": data[len(data) // 2], "p99_ms": data[int(len(data) * 0.99)],
+                "serve_call_median_ms": serve_calls[len(serve_calls) // 2], "calls": calls,
+                "path": session.client.address.split(":")[0]}
 
     # -- helpers -----------------------------------------------------------------------------
     async def _deltas(self, message: pb.GenerateRequest | RequestFields,
@@ -258,8 +272,7 @@ class Router:
             if validated is not None:
                 validated.append(request)
             retry = dict(attempts=self.config.replica_retry_attempts,
-                         backoff_s=self.config.replica_retry_backoff_s,
-                         transport=self._transport)
+                         backoff_s=self.config.replica_retry_backoff_s, node_id=self._node_id)
             drafter = RemoteDrafter(self._drafter, request.request_id, **retry)
             verifier = RemoteVerifier(self._verifier, request.request_id, **retry)
             last = time.perf_counter()
@@ -293,20 +306,16 @@ class Router:
                 f"this service accepts loopback clients only (host={self.config.host})")
 
     @staticmethod
-    async def _call(handle, method: str, *args, session_id: str | None = None):
-        if session_id is not None:
-            handle = handle.options(session_id=session_id)
+    async def _call(handle, method: str, *args):
         return await handle.options(method_name=method).remote(*args)
 
     async def _every_replica(self, handle, max_probes: int = 64) -> list[dict]:
-        """`stats` of every replica of a deployment. Calls are routed by consistent hashing, so
-        random session ids spread over the ring; stop once as many replicas answered as the
-        deployment reports running (its world size). One probe at a time: see serve.remote on
-        concurrent calls of one request."""
+        """`stats` of every replica of a deployment: Serve's router spreads the probes over the
+        replicas; stop once as many answered as the deployment reports running (its world size)."""
         seen: dict[str, dict] = {}
         expected = 1
         for _ in range(max_probes):
-            answer = await self._call(handle, "stats", session_id=f"stats-{uuid.uuid4().hex}")
+            answer = await self._call(handle, "stats")
             seen[answer["replica"]] = answer
             expected = max(expected, answer["world_size"])
             if len(seen) >= expected:
