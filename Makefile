@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+# The default target (SmolLM2-135M-Instruct) is fetched and converted once into the cache folder
+# ($SPECCASCADE_CACHE, else ~/.cache/speccascade); later runs find it and return at once.
 install: $(STAMP)
+	$(BIN)/python -m speccascade.models.fetch
 
 run: install        ## start the service (gRPC :9000, OpenAI-compatible HTTP :8000) on the default pair
 	$(BIN)/speccascade serve
@@ -55,7 +58,7 @@ gpu-check: install  ## runner + service checks with device $(DEVICE), $(DTYPE); 
 	  PYTHONPATH=services $(BIN)/python benchmarks/gpu_check.py --device $(DEVICE) --dtype $(DTYPE) \
 	    --out benchmarks/gpu_check-$(DEVICE).md'
 
-models: install     ## rebuild the embedded default pair (about an hour on 2 cores)
+models: install     ## distill the default draft from the target (about an hour, one thread)
 	$(BIN)/speccascade models build
 
 models-eval: install

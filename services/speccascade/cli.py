@@ -69,15 +69,9 @@ def _generate(args) -> None:
 
 
 def _models_build(args) -> None:
-    from dataclasses import replace
+    from speccascade.models.build import cli_build
 
-    from speccascade.models.build import BuildConfig, build
-
-    cfg = BuildConfig()
-    if args.quick:  # a smoke build in about a minute; the committed pair uses the defaults
-        cfg = replace(cfg, target_steps=5, target_continue_steps=5, draft_steps=5,
-                      target_batch=2, draft_batch=2, max_train_files=60)
-    build(args.out, cfg, from_stage=args.from_stage)
+    cli_build(args)
 
 
 def _models_eval(args) -> None:
@@ -101,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="build or measure the default draft/target pair")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    build = models_sub.add_parser("build", help="train the embedded default pair (≈1 h, 2 cores)")
-    build.add_argument("--out", default=str(default_pair_paths()[0].parent))
+    build = models_sub.add_parser("build", help="distill the default draft from the target (≈1 h, 1 thread)")
+    build.add_argument("--out", default=str(default_pair_paths()[1].parent))
     build.add_argument("--quick", action="store_true")
-    build.add_argument("--from-stage", default="tokenizer", choices=("tokenizer", "target", "target_continue", "draft"),
-                       help="resume: read the earlier stages' outputs from --out, redo the rest")
+    build.add_argument("--from-stage", default=None, choices=("generate", "shape", "draft"),
+                       help="redo this stage and the later ones (default: resume unfinished work)")
     build.set_defaults(func=_models_build)
     evaluate = models_sub.add_parser("eval", help="losses, line completion, acceptance, step costs")
     _add_pair_args(evaluate)

@@ -1,32 +1,41 @@
-"""Build the embedded default draft/target pair offline, deterministically.
+"""Build the default pair's DRAFT, distilled from the default TARGET (SmolLM2-135M-Instruct), on a CPU.
 
-Recipe (REFERENCE.md §8): a byte-level BPE tokenizer trained on the stdlib training split; a
-Llama-shaped target given most of the compute, in two cosine cycles (a warm restart from the first
-cycle's checkpoint widens the quality gap over the draft); a much smaller draft distilled from the
-target's logits (forward KL), which is what raises greedy agreement. bf16 autocast where the CPU
-has native bf16, fp32 elsewhere.
+    speccascade models build [--out DIR] [--from-stage STAGE] [--quick]
 
-Stages, each resumable with `--from-stage`: tokenizer → target (cycle 1, kept in
-`target_stage1/`, not committed) → target_continue (cycle 2) → draft.
-Both are saved with `save_pretrained` (safetensors, bf16) beside a copy of the tokenizer, so each is
-an ordinary Hugging Face checkpoint that `from_pretrained` loads from a local path.
+Recipe (DistillSpec; REFERENCE.md §14): sequence-level distillation — the target's own outputs on
+many varied training prompts (chat instructions through its chat template, raw code, raw prose;
+models.corpus.distill_prompts, held-out prompts never used) — plus token-level distillation on the
+target's distribution at every generated position (its top-K log-probabilities at temperature 1,
+recorded while generating, so the teacher costs nothing more). Half the prompts are answered
+greedily and half sampled at T 0.8, the two ways the service decodes.
+
+The draft is a small Llama with the target's tokenizer (vocabulary 49 152, tied embeddings). Its
+shape is picked by measurement (stage `shape`): the largest candidate whose one-token step, timed
+through the runner at one thread, is at most `max_cost_ratio` of the target's and whose bf16
+weights fit `max_draft_mb`. Its embedding starts as the target's projected on its first principal
+directions, so it starts with the target's token geometry instead of noise.
+
+Stages, each resumable (a killed run redoes only unfinished work): `generate` (shards of the
+target's outputs in the work folder) → `shape` → `draft` (checkpoints every `checkpoint_every`
+steps; a restart continues from the last). Seeds are fixed: the same machine and thread count
+give the same draft. The work folder is outside git (`$SPECCASCADE_CACHE/build`); the draft is
+written as bf16 safetensors with a copy of the tokenizer to `OUT/draft`, the record to
+`OUT/build_log.json`.
 """
 from __future__ import annotations
 
 import json
-import math
+import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from speccascade.models.corpus import read_text, split_files, stdlib_root
-
-EOS = "<|endoftext|>"
 from speccascade.models.loader import DEFAULT_PAIR_DIR
+from speccascade.models.runner import DEFAULT_MAX_SEQ_LEN
 
 
 @dataclass(frozen=True)
@@ -35,37 +44,46 @@ class Shape:
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
+    num_key_value_heads: int
+
+
+CANDIDATE_SHAPES = (Shape(192, 512, 4, 3, 1), Shape(192, 512, 6, 3, 1), Shape(256, 704, 4, 4, 2),
+                    Shape(256, 704, 6, 4, 2))
 
 
 @dataclass(frozen=True)
 class BuildConfig:
     seed: int = 0
-    vocab_size: int = 8192
-    seq_len: int = 256
-    # The context the pair declares: the window it is trained on. Declaring more would promise
-    # positions it never saw (measured: greedy α 0.54 on 400-token prompts, 0.76 within 256).
-    max_position_embeddings: int = 256
-    threads: int = 2
-    target: Shape = field(default_factory=lambda: Shape(384, 1024, 8, 6))  # 17 M params
-    draft: Shape = field(default_factory=lambda: Shape(192, 512, 3, 3))  # 3.4 M params
-    target_steps: int = 1200
-    target_batch: int = 16
-    target_lr: float = 2e-3
-    target_continue_steps: int = 1000  # second cosine cycle, from the first cycle's checkpoint
-    target_continue_lr: float = 1e-3
-    draft_steps: int = 1200
-    draft_batch: int = 16
-    draft_lr: float = 3e-3
-    # Distil from the target's distribution at this temperature: < 1 sharpens it, spending the
-    # draft's small capacity on the target's likeliest tokens, which is what greedy acceptance needs.
-    draft_teacher_temperature: float = 0.7
-    warmup_steps: int = 40
-    max_train_files: int | None = None  # smoke builds only: the first N training files
+    threads: int = 1
+    prompts: int = 2048              # training prompts answered by the target
+    shard_prompts: int = 128         # prompts per saved shard (the unit of resumption)
+    gen_batch: int = 32              # sequences decoded together
+    max_prompt_tokens: int = 256
+    max_new_tokens: int = 128
+    top_k: int = 32                  # teacher log-probabilities kept per generated position
+    sample_temperature: float = 0.8  # odd prompts are sampled at this temperature, even ones greedy
+    context: int = DEFAULT_MAX_SEQ_LEN  # the draft's max_position_embeddings
+    max_cost_ratio: float = 0.10     # c = draft step / target step (goal ≤ 0.12; margin for noise)
+    max_draft_mb: float = 30.0
+    candidates: tuple = CANDIDATE_SHAPES
+    steps: int = 1500
+    batch: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    hard_weight: float = 0.1         # cross-entropy on the target's chosen token, beside the soft KL
+    checkpoint_every: int = 100
+
+
+def quick_config() -> BuildConfig:
+    """A smoke build in a few minutes (tests): a handful of prompts and steps."""
+    return replace(BuildConfig(), prompts=8, shard_prompts=4, gen_batch=4, max_new_tokens=8,
+                   steps=4, batch=2, checkpoint_every=2, warmup_steps=1,
+                   candidates=(Shape(64, 128, 1, 1, 1), Shape(64, 128, 2, 1, 1)))
 
 
 def cpu_has_fast_bf16() -> bool:
     """bf16 autocast is ~3× faster than fp32 on CPUs with AVX-512 BF16 or AMX, and several times
-    slower where it is emulated (measured: 8 s vs 1 s for a target forward on a CPU without it)."""
+    slower where it is emulated."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -73,176 +91,343 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
+def work_dir() -> Path:
+    from speccascade.models.fetch import cache_dir
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        (read_text(f) for f in files), vocab_size=vocab_size, min_frequency=2,
-        special_tokens=[EOS], show_progress=True,
-    )
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
-                                  pad_token=EOS, unk_token=EOS)
-    tok.save_pretrained(out_dir)
-    return tok
+    return cache_dir() / "build"
 
 
-def encode_corpus(tok, files: list[Path]) -> torch.Tensor:
-    """All files joined by EOS into one token stream.  # [num_tokens]"""
-    ids: list[int] = []
-    texts = [read_text(f) for f in files]
-    for enc in tqdm(tok(texts, add_special_tokens=False)["input_ids"], desc="encode", unit="file"):
-        ids.extend(enc)
-        ids.append(tok.eos_token_id)
-    return torch.tensor(ids, dtype=torch.int32)
+# -- stage 1: the target's own outputs --------------------------------------------------------
+
+@torch.inference_mode()
+def generate_shard(runner, tok, prompts, first_index: int, cfg: BuildConfig) -> list[dict]:
+    """Continuous batching over one shard: every prompt answered by the target (greedy for even
+    global indices, sampled for odd ones), with its top-K log-probabilities at each new token."""
+    from speccascade.models.corpus import prompt_ids
+
+    eos = tok.eos_token_id
+    records = [None] * len(prompts)
+    pending = list(range(len(prompts)))
+    active: dict[int, dict] = {}
+    bar = tqdm(total=len(prompts), desc=f"generate {first_index // cfg.shard_prompts}",
+               unit="prompt", leave=False)
+
+    def finish(i):
+        state = active.pop(i)
+        runner.release(f"p{i}")
+        records[i] = {"kind": prompts[i].kind, "prompt": state["prompt"],
+                      "output": state["output"], "greedy": state["greedy"],
+                      "topk_ids": torch.stack(state["topk_ids"]).to(torch.int32),
+                      "topk_logprobs": torch.stack(state["topk_lp"]).to(torch.float16)}
+        bar.update()
+
+    def take(i, logits):
+        state = active[i]
+        logprobs = logits.float().log_softmax(-1)
+        lp, ids = logprobs.topk(cfg.top_k)
+        state["topk_ids"].append(ids)
+        state["topk_lp"].append(lp)
+        if state["greedy"]:
+            token = int(logits.argmax())
+        else:
+            probs = (logits.float() / cfg.sample_temperature).softmax(-1)
+            token = int(torch.multinomial(probs, 1, generator=state["gen"]))
+        state["output"].append(token)
+        if token == eos or len(state["output"]) >= cfg.max_new_tokens:
+            finish(i)
+
+    while pending or active:
+        free = cfg.gen_batch - len(active)
+        if pending and (free >= cfg.gen_batch // 4 or not active):
+            new = pending[:free]
+            del pending[:free]
+            new.sort(key=lambda i: len(prompts[i].text))
+            for i in new:
+                ids = prompt_ids(tok, prompts[i])[-cfg.max_prompt_tokens:]
+                g = first_index + i
+                active[i] = {"prompt": ids, "output": [], "greedy": g % 2 == 0,
+                             "gen": torch.Generator().manual_seed(cfg.seed * 1_000_003 + g),
+                             "topk_ids": [], "topk_lp": []}
+            # Prefill in groups of similar length (rows are padded to the longest in a forward).
+            for at in range(0, len(new), 8):
+                group = new[at: at + 8]
+                out = runner.forward([(f"p{i}", active[i]["prompt"], 1) for i in group])
+                for i, logits in zip(group, out):
+                    take(i, logits[-1])
+            continue
+        rows = list(active)
+        out = runner.forward([(f"p{i}", active[i]["prompt"] + active[i]["output"], 1)
+                              for i in rows])
+        for i, logits in zip(rows, out):
+            take(i, logits[-1])
+    bar.close()
+    return records
 
 
-def make_model(shape: Shape, cfg: BuildConfig, tok):
+def stage_generate(cfg: BuildConfig, work: Path, log: dict) -> None:
+    from speccascade.models.corpus import distill_prompts
+    from speccascade.models.fetch import ensure_target
+    from speccascade.models.loader import load_model, load_tokenizer
+    from speccascade.models.runner import ModelRunner
+
+    target_path = ensure_target()
+    prompts = distill_prompts(held_out=False, limit=cfg.prompts, seed=cfg.seed)
+    shards = [(at, prompts[at: at + cfg.shard_prompts])
+              for at in range(0, len(prompts), cfg.shard_prompts)]
+    todo = [(at, ps) for at, ps in shards if not (work / f"shard_{at:06d}.pt").exists()]
+    if not todo:
+        return
+    tok = load_tokenizer(target_path)
+    target = load_model(target_path, "float32")
+    runner = ModelRunner(target, max_live_seqs=cfg.gen_batch,
+                         max_seq_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
+    started = time.time()
+    tokens = 0
+    for at, ps in tqdm(todo, desc="generate (target's outputs)", unit="shard"):
+        records = generate_shard(runner, tok, ps, at, cfg)
+        tmp = work / f"shard_{at:06d}.pt.partial"
+        torch.save(records, tmp)
+        tmp.rename(work / f"shard_{at:06d}.pt")  # a shard exists only once complete
+        tokens += sum(len(r["output"]) for r in records)
+    log["generate_minutes_this_run"] = (time.time() - started) / 60
+    log["generate_tokens_per_s_this_run"] = tokens / max(time.time() - started, 1e-9)
+
+
+def load_shards(work: Path) -> list[dict]:
+    return [r for path in sorted(work.glob("shard_*.pt")) for r in torch.load(path)]
+
+
+# -- stage 2: the draft's shape, by measurement ----------------------------------------------
+
+def make_draft(shape: Shape, target_config, max_positions: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=shape.hidden_size,
+        vocab_size=target_config.vocab_size, hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads, head_dim=64 if shape.hidden_size >= 192
+        else shape.hidden_size // shape.num_attention_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=True,
+        rms_norm_eps=target_config.rms_norm_eps, rope_parameters=target_config.rope_parameters,
+        bos_token_id=target_config.bos_token_id, eos_token_id=target_config.eos_token_id,
+        pad_token_id=target_config.pad_token_id,
     )
     return LlamaForCausalLM(config)
 
 
-def batches(stream: torch.Tensor, batch: int, seq_len: int, steps: int, gen: torch.Generator):
-    """Random windows of seq_len + 1 tokens, drawn with a seeded generator.  # [batch, seq_len + 1]"""
-    for _ in range(steps):
-        starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=gen)
-        yield torch.stack([stream[s: s + seq_len + 1] for s in starts.tolist()]).long()
+def stage_shape(cfg: BuildConfig, work: Path, log: dict) -> Shape:
+    """Time each candidate's one-token step (runner, one thread, 128-token context, median of 5
+    interleaved rounds) against the target's, in the dtype `auto` would serve them in."""
+    import statistics
+
+    from speccascade.models.evaluate import step_ms
+    from speccascade.models.fetch import ensure_target
+    from speccascade.models.loader import load_model
+
+    path = work / "shape.json"
+    if path.exists():
+        record = json.loads(path.read_text())
+    else:
+        target = load_model(ensure_target(), "float32")
+        dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        target = target.to(dtype)
+        torch.manual_seed(cfg.seed)
+        drafts = [make_draft(s, target.config, 2048).to(dtype).eval() for s in cfg.candidates]
+        samples = {"target": [], **{str(i): [] for i in range(len(drafts))}}
+        for _ in tqdm(range(5), desc="shape: step costs", unit="round"):
+            samples["target"].append(step_ms(target, repeats=10))
+            for i, d in enumerate(drafts):
+                samples[str(i)].append(step_ms(d, repeats=10))
+        target_ms = statistics.median(samples["target"])
+        rows = []
+        for i, (shape, d) in enumerate(zip(cfg.candidates, drafts)):
+            ms = statistics.median(samples[str(i)])
+            params = sum(p.numel() for p in d.parameters())
+            rows.append({"shape": asdict(shape), "step_ms": ms, "c": ms / target_ms,
+                         "params_m": params / 1e6, "bf16_mb": params * 2 / 1e6})
+        fits = [r for r in rows if r["c"] <= cfg.max_cost_ratio and r["bf16_mb"] <= cfg.max_draft_mb]
+        chosen = max(fits or rows[:1], key=lambda r: r["params_m"])
+        record = {"dtype": str(dtype), "target_step_ms": target_ms, "candidates": rows,
+                  "chosen": chosen}
+        path.write_text(json.dumps(record, indent=1))
+    log["shape"] = record
+    print(f"draft shape: {record['chosen']}")
+    return Shape(**record["chosen"]["shape"])
+
+
+# -- stage 3: the draft, distilled -----------------------------------------------------------
+
+def pca_embedding(target_embedding: torch.Tensor, dim: int) -> torch.Tensor:
+    """The target's token embeddings on their first `dim` principal directions, scaled to the
+    target embedding's per-coordinate spread. # [vocab, dim]"""
+    e = target_embedding.float()
+    centred = e - e.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)  # v: [hidden, hidden]
+    projected = centred @ v[:dim].T
+    return projected * (e.std() / projected.std())
+
+
+def _batches(records: list[dict], cfg: BuildConfig, steps: int, start: int):
+    """Step s's batch: a seeded permutation per epoch, so a resumed run sees the same batches."""
+    per_epoch = max(1, len(records) // cfg.batch)
+    for step in range(start, steps):
+        epoch, at = divmod(step, per_epoch)
+        order = list(range(len(records)))
+        random.Random(cfg.seed * 7919 + epoch).shuffle(order)
+        yield step, [records[i] for i in order[at * cfg.batch: (at + 1) * cfg.batch]]
+
+
+def distill_loss(model, batch: list[dict], cfg: BuildConfig, pad_id: int):
+    """Soft cross-entropy against the teacher's top-K (renormalized) plus hard_weight × CE on the
+    token the teacher emitted, on generated positions only (the head runs on those alone)."""
+    seqs = [r["prompt"] + r["output"] for r in batch]
+    width = max(map(len, seqs)) - 1
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s) - 1] = torch.tensor(s[:-1])
+    hidden = model.model(input_ids=ids).last_hidden_state  # [B, width, d]; pads only trail
+    # Position t predicts token t + 1: the output's j-th token is predicted at len(prompt) - 1 + j.
+    rows = torch.cat([torch.full((len(r["output"]),), b) for b, r in enumerate(batch)])
+    cols = torch.cat([torch.arange(len(r["output"])) + len(r["prompt"]) - 1 for r in batch])
+    logq = model.lm_head(hidden[rows, cols]).float().log_softmax(-1)  # [N, vocab]
+    topk_ids = torch.cat([r["topk_ids"] for r in batch]).long()  # [N, K]
+    p = torch.cat([r["topk_logprobs"].float() for r in batch]).softmax(-1)  # renormalized top-K
+    soft = -(p * logq.gather(1, topk_ids)).sum(-1).mean()
+    chosen = torch.cat([torch.tensor(r["output"]) for r in batch])
+    hard = F.nll_loss(logq, chosen)
+    return soft + cfg.hard_weight * hard, soft.item(), hard.item()
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    import math
+
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, stream, cfg: BuildConfig, steps: int, batch: int, lr: float, desc: str,
-          teacher=None, teacher_temperature: float = 1.0, data_seed: int = 1) -> list[float]:
-    """Next-token CE, or forward KL(p_teacher || q_student) when a teacher is given."""
-    gen = torch.Generator().manual_seed(cfg.seed + data_seed)
+def stage_draft(cfg: BuildConfig, work: Path, shape: Shape, out: Path, log: dict) -> None:
+    from speccascade.models.fetch import ensure_target
+    from speccascade.models.loader import load_tokenizer
+
+    records = load_shards(work)
+    if not records:
+        raise RuntimeError(f"no generated shards in {work}: run the generate stage")
+    target_path = ensure_target()
+    from transformers import AutoConfig
+    from safetensors.torch import load_file
+
+    tconfig = AutoConfig.from_pretrained(target_path, local_files_only=True)
+    tok = load_tokenizer(target_path)
+    torch.manual_seed(cfg.seed + 1)
+    # The context the draft declares: the service's context is the smaller of the two models'
+    # (the target declares 8192; a slot of that many tokens per live sequence is far more KV than
+    # a replica should preallocate by default, see models.runner.DEFAULT_MAX_SEQ_LEN).
+    model = make_draft(shape, tconfig, min(cfg.context, tconfig.max_position_embeddings))
+    embedding = load_file(str(target_path / "model.safetensors"))["model.embed_tokens.weight"]
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(pca_embedding(embedding, shape.hidden_size))
+    model.tie_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    ckpt = work / "draft_checkpoint.pt"
+    start, history = 0, []
+    if ckpt.exists():
+        state = torch.load(ckpt)
+        if state["shape"] == asdict(shape) and state["steps"] == cfg.steps:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            start, history = state["step"], state["history"]
+            print(f"resuming the draft at step {start}")
     use_bf16 = cpu_has_fast_bf16()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    started = time.time()
     model.train()
-    losses: list[float] = []
-    bar = tqdm(batches(stream, batch, cfg.seq_len, steps, gen), total=steps, desc=desc, unit="step")
-    for step, window in enumerate(bar):
+    bar = tqdm(_batches(records, cfg, cfg.steps, start), total=cfg.steps, initial=start,
+               desc="draft (distilled)", unit="step")
+    for step, batch in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, cfg.warmup_steps)
-        inputs, labels = window[:, :-1], window[:, 1:]
+            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(inputs).logits.float()  # [batch, seq_len, vocab]
-            if teacher is None:
-                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
-            else:
-                with torch.no_grad():
-                    p_log = F.log_softmax(teacher(inputs).logits.float() / teacher_temperature,
-                                          dim=-1)
-                q_log = F.log_softmax(logits, dim=-1)
-                loss = F.kl_div(q_log, p_log, log_target=True, reduction="batchmean") / cfg.seq_len
+            loss, soft, hard = distill_loss(model, batch, cfg, tok.pad_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
+        history.append((soft, hard))
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+            recent = history[-10:]
+            bar.set_postfix(soft=f"{sum(s for s, _ in recent) / len(recent):.3f}",
+                            hard=f"{sum(h for _, h in recent) / len(recent):.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                        "history": history, "shape": asdict(shape), "steps": cfg.steps},
+                       work / "draft_checkpoint.pt.partial")
+            (work / "draft_checkpoint.pt.partial").rename(ckpt)
     model.eval()
-    return losses
+    draft_dir = out / "draft"
+    model.to(torch.bfloat16).save_pretrained(draft_dir)
+    tok.save_pretrained(draft_dir)
+    tail = history[-50:]
+    log.update({"draft_minutes_this_run": (time.time() - started) / 60, "bf16_autocast": use_bf16,
+                "draft_params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                "draft_size_bytes": (draft_dir / "model.safetensors").stat().st_size,
+                "draft_final_soft_ce": sum(s for s, _ in tail) / len(tail),
+                "draft_final_hard_ce": sum(h for _, h in tail) / len(tail),
+                "draft_soft_ce_first_50": sum(s for s, _ in history[:50]) / min(50, len(history))})
 
 
-def save(model, tok, out_dir: Path) -> None:
-    model.to(torch.bfloat16).save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    model.float()
-
-
-def load(path: Path):
-    """A checkpoint saved by `save`, back in fp32: every stage reads the saved bf16 weights, so a
-    resumed build trains exactly what a full build would."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-
-
-STAGES = ("tokenizer", "target", "target_continue", "draft")
+STAGES = ("generate", "shape", "draft")
+# A shard holds prompts [i, i + shard_prompts) of one fixed order: more prompts add shards.
+GENERATION_FIELDS = ("seed", "shard_prompts", "max_prompt_tokens", "max_new_tokens",
+                     "top_k", "sample_temperature")
 
 
 def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
-          from_stage: str = "tokenizer") -> Path:
-    """Train the tokenizer, the target (two cycles) and the distilled draft into out_dir.
-
-    from_stage: skip the stages before it and read their outputs from out_dir instead.
-    """
-    if from_stage not in STAGES:
+          from_stage: str | None = None, work: Path | None = None) -> Path:
+    """Distill the default draft into out_dir/draft. Without from_stage, finished work in the
+    work folder is reused (a killed build resumes where it stopped); from_stage discards that
+    stage's work and every later stage's, and redoes them. Changed generation settings discard
+    everything."""
+    if from_stage is not None and from_stage not in STAGES:
         raise ValueError(f"from_stage must be one of {STAGES}, got {from_stage!r}")
-    todo = set(STAGES[STAGES.index(from_stage):])
-    torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out_dir, work = Path(out_dir), Path(work or work_dir())
+    work.mkdir(parents=True, exist_ok=True)
+    generation = {k: v for k, v in asdict(cfg).items() if k in GENERATION_FIELDS}
+    recorded = work / "generation.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != json.loads(json.dumps(generation)):
+        print("generation settings changed: the target's outputs are generated afresh")
+        from_stage = "generate"
+    redo = STAGES[STAGES.index(from_stage):] if from_stage else ()
+    if "generate" in redo:
+        for path in work.glob("shard_*"):
+            path.unlink()
+    if "shape" in redo:
+        (work / "shape.json").unlink(missing_ok=True)
+    if "draft" in redo:
+        (work / "draft_checkpoint.pt").unlink(missing_ok=True)
+    recorded.write_text(json.dumps(generation, indent=1))
     started = time.time()
-    out_dir = Path(out_dir)
-    train_files, held_out = split_files()
-    train_files = train_files[: cfg.max_train_files]
-    print(f"corpus: {len(train_files)} training files, {len(held_out)} held out")
-    log_path = out_dir / "build_log.json"
-    log = {} if from_stage == "tokenizer" else json.loads(log_path.read_text())
-    log["config"] = asdict(cfg)
-
-    if "tokenizer" in todo:
-        tok = train_tokenizer(train_files, cfg.vocab_size, out_dir / "tokenizer")
-    else:
-        from transformers import AutoTokenizer
-
-        # The tokenizer stage's own folder is not committed; every checkpoint carries a copy.
-        saved = out_dir / "tokenizer"
-        tok = AutoTokenizer.from_pretrained(saved if saved.exists() else out_dir / "target",
-                                            local_files_only=True)
-    stream = encode_corpus(tok, train_files)
-    print(f"training stream: {len(stream):,} tokens")
-    log["train_tokens"] = len(stream)
-
-    if "target" in todo:
-        stage_started = time.time()
-        target = make_model(cfg.target, cfg, tok)
-        losses = train(target, stream, cfg, cfg.target_steps, cfg.target_batch, cfg.target_lr,
-                       "target (cycle 1)", data_seed=1)
-        save(target, tok, out_dir / "target_stage1")
-        log["target_cycle1_minutes"] = (time.time() - stage_started) / 60
-        log["target_cycle1_final_loss"] = sum(losses[-20:]) / 20
-        log_path.write_text(json.dumps(log, indent=1))  # each stage's record survives a later stop
-
-    if "target_continue" in todo:
-        stage_started = time.time()
-        target = load(out_dir / "target_stage1")
-        losses = train(target, stream, cfg, cfg.target_continue_steps, cfg.target_batch,
-                       cfg.target_continue_lr, "target (cycle 2)", data_seed=3)
-        save(target, tok, out_dir / "target")
-        log["target_cycle2_minutes"] = (time.time() - stage_started) / 60
-        log["target_final_loss"] = sum(losses[-20:]) / 20
-        log_path.write_text(json.dumps(log, indent=1))
-
-    stage_started = time.time()
-    target = load(out_dir / "target")
-    target.eval()
-    torch.manual_seed(cfg.seed + 1)
-    draft = make_model(cfg.draft, cfg, tok)
-    draft_losses = train(draft, stream, cfg, cfg.draft_steps, cfg.draft_batch, cfg.draft_lr,
-                         "draft (distilled)", teacher=target,
-                         teacher_temperature=cfg.draft_teacher_temperature, data_seed=2)
-    save(draft, tok, out_dir / "draft")
-
-    log.update({"draft_minutes": (time.time() - stage_started) / 60,
-                "bf16_autocast": cpu_has_fast_bf16(),
-                "draft_final_kl": sum(draft_losses[-20:]) / 20,
-                "held_out_files": [f.relative_to(stdlib_root()).as_posix() for f in held_out]})
-    log_path.write_text(json.dumps(log, indent=1))
-    print(f"built {out_dir} in {(time.time() - started) / 60:.1f} min")
+    log: dict = {"config": asdict(cfg), "work_dir": "$SPECCASCADE_CACHE/build",
+                 "threads": cfg.threads}
+    stage_generate(cfg, work, log)
+    records = load_shards(work)
+    log["train_prompts"] = len(records)
+    log["train_generated_tokens"] = sum(len(r["output"]) for r in records)
+    log["train_prompt_kinds"] = {k: sum(r["kind"] == k for r in records)
+                                 for k in ("chat", "code", "prose")}
+    shape = stage_shape(cfg, work, log)
+    stage_draft(cfg, work, shape, out_dir, log)
+    log["minutes_this_run"] = (time.time() - started) / 60
+    (out_dir / "build_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    print(f"built {out_dir / 'draft'} in {(time.time() - started) / 60:.1f} min")
     return out_dir
+
+
+def cli_build(args) -> None:
+    """`speccascade models build` (the CLI's arguments: out, quick, from_stage)."""
+    cfg = quick_config() if args.quick else BuildConfig()
+    work = Path(args.out) / "work" if args.quick else None
+    build(args.out, cfg, from_stage=args.from_stage, work=work)

@@ -21,15 +21,23 @@ class IncompatiblePairError(ValueError):
 
 
 def default_pair_paths() -> tuple[Path, Path]:
-    """(target_dir, draft_dir) of the embedded default pair (see `speccascade models build`)."""
-    return DEFAULT_PAIR_DIR / "target", DEFAULT_PAIR_DIR / "draft"
+    """(target_dir, draft_dir) of the default pair: SmolLM2-135M-Instruct, converted at install
+    into the cache folder (models.fetch; the folder may not exist before `make install`), and
+    the draft distilled from it, shipped in the assets (`speccascade models build`)."""
+    from speccascade.models.fetch import target_dir
+
+    return target_dir(), DEFAULT_PAIR_DIR / "draft"
 
 
 def _local_dir(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
+        from speccascade.models.fetch import target_dir
+
+        hint = (" (the default target: `make install` or `python -m speccascade.models.fetch` "
+                "fetches and converts it)" if path == target_dir() else "")
         raise FileNotFoundError(f"{path} is not a local Hugging Face checkpoint (no config.json); "
-                                "models are only loaded from local paths")
+                                f"models are only loaded from local paths{hint}")
     return path
 
 

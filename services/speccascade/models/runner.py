@@ -50,16 +50,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
+# A KV slot's length when the caller names none: the model's context, capped here. SmolLM2
+# declares 8192 positions; 64 slots of 8192 would preallocate 24 GB of fp32 K/V for it. Pass
+# max_seq_len for more (up to the model's max_position_embeddings).
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
 class ModelRunner:
     """`kv_cache_tokens` is the replica's KV budget in tokens (None: max_live_seqs × context);
-    it is cut into slots of `max_seq_len` tokens, one per live sequence, all allocated here."""
+    it is cut into slots of `max_seq_len` tokens (None: the model's context, at most
+    DEFAULT_MAX_SEQ_LEN), one per live sequence, all allocated here."""
 
     def __init__(self, model, *, max_live_seqs: int = 64, max_seq_len: int | None = None,
                  idle_evict_s: float = 600.0, kv_cache_tokens: int | None = None):
         check_supported(model)
         self.model = model
         self.device = next(model.parameters()).device
-        self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings,
+        self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN,
                                model.config.max_position_embeddings)
         budget = kv_cache_tokens or max_live_seqs * self.max_seq_len
         self.max_live_seqs = min(max_live_seqs, budget // self.max_seq_len)
