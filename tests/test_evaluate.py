@@ -26,7 +26,10 @@ def test_sign_test_counts_only_discordant_tasks():
 def default_tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(default_pair_paths()[0], local_files_only=True)
+    target = default_pair_paths()[0]
+    if not (target / "config.json").is_file():
+        pytest.skip(f"the default target is not installed at {target} (make install)")
+    return AutoTokenizer.from_pretrained(target, local_files_only=True)
 
 
 def test_line_tasks_fit_the_context_and_come_from_held_out_files(default_tokenizer):
@@ -49,7 +52,7 @@ def _occurrences(text: str, part: str):
 
 
 def test_evaluate_runs_end_to_end_on_the_tiny_pair(tiny_pair):
-    card = evaluate(*tiny_pair, tasks=6, dtype="float64")
+    card = evaluate(*tiny_pair, tasks=6, prompts=3, dtype="float64")
     assert card["line_tasks"] == 6
     for name in ("target", "draft"):
         assert 0 <= card[f"{name}_line_exact_match"] <= 1
@@ -58,4 +61,12 @@ def test_evaluate_runs_end_to_end_on_the_tiny_pair(tiny_pair):
     assert card["loss_gap_nats"] == card["draft_loss"] - card["target_loss"]
     assert card["cost_ratio_c"] == card["draft_step_ms"] / card["target_step_ms"]
     assert 1 <= card["mean_accepted_length"] <= 5 and 0 <= card["greedy_acceptance_gamma4"] <= 1
+    assert 1 <= card["sampled_mean_accepted_length"] <= 5
+    assert 0 <= card["sampled_sum_min_pq"] <= 1 + 1e-9
+    for suffix in ("", "_batch8"):
+        assert card["verify_in_target_steps" + suffix] == \
+            card["verify_step_ms" + suffix] / card["target_step_ms" + suffix]
+    for metric in ("exact_match", "edit_similarity"):
+        diff, lo, hi = card[f"line_{metric}_target_minus_draft"]
+        assert lo <= diff <= hi
     assert 0 <= card["line_exact_match_sign_test_p"] <= 1

@@ -55,7 +55,7 @@ CANDIDATE_SHAPES = (Shape(192, 512, 4, 3, 1), Shape(192, 512, 6, 3, 1), Shape(25
 class BuildConfig:
     seed: int = 0
     threads: int = 1
-    prompts: int = 2048              # training prompts answered by the target
+    prompts: int = 1280              # training prompts answered by the target (≈ 3.3 min / 128)
     shard_prompts: int = 128         # prompts per saved shard (the unit of resumption)
     gen_batch: int = 32              # sequences decoded together
     max_prompt_tokens: int = 256
@@ -66,12 +66,12 @@ class BuildConfig:
     max_cost_ratio: float = 0.10     # c = draft step / target step (goal ≤ 0.12; margin for noise)
     max_draft_mb: float = 30.0
     candidates: tuple = CANDIDATE_SHAPES
-    steps: int = 1500
+    steps: int = 400
     batch: int = 16
     lr: float = 2e-3
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     hard_weight: float = 0.1         # cross-entropy on the target's chosen token, beside the soft KL
-    checkpoint_every: int = 100
+    checkpoint_every: int = 50
 
 
 def quick_config() -> BuildConfig:

@@ -31,8 +31,7 @@ LINE_TOKENS = 32  # enough for the rest of the prompt's line, the newline and th
 # after it (LINE_TOKENS, or ACCEPTANCE_TOKENS when measuring acceptance) stays inside them.
 PROMPT_TOKENS = 192
 ACCEPTANCE_TOKENS = 64
-ACCEPTANCE_PROMPTS = 200
-CHUNK = 200  # sequences per engine call
+CHUNK = 32  # sequences per engine call (and KV slots: 32 × 2048 tokens of the 135 M target)
 
 
 @dataclass(frozen=True)
@@ -133,35 +132,40 @@ def agreement(target, draft, tokenizer, max_tokens: int = 20_000) -> tuple[float
 
 
 @torch.inference_mode()
-def step_ms(model, context: int = 128, new_tokens: int = 1, repeats: int = 30) -> float:
-    """Median time of one cached forward of new_tokens positions after a context-token prefill."""
+def step_ms(model, context: int = 128, new_tokens: int = 1, repeats: int = 30,
+            batch: int = 1) -> float:
+    """Median time of one cached forward of new_tokens positions for each of `batch` sequences
+    after a context-token prefill."""
     from speccascade.models.runner import ModelRunner
 
-    runner = ModelRunner(model, max_live_seqs=1)
-    tokens = list(range(10, 10 + context + new_tokens))
-    runner.forward([("s", tokens[:context], 1)])
+    runner = ModelRunner(model, max_live_seqs=batch, max_seq_len=context + new_tokens + 8)
+    seqs = [(f"s{b}", list(range(10 + b, 10 + b + context + new_tokens))) for b in range(batch)]
+    runner.forward([(name, tokens[:context], 1) for name, tokens in seqs])
     times = []
     for _ in range(repeats + 3):
         start = time.perf_counter()
-        runner.forward([("s", tokens, new_tokens)])
+        runner.forward([(name, tokens, new_tokens) for name, tokens in seqs])
         times.append((time.perf_counter() - start) * 1000)
-        runner.rollback("s", context)
+        for name, _ in seqs:
+            runner.rollback(name, context)
     return sorted(times[3:])[repeats // 2]
 
 
-def step_costs(target, draft, gamma: int, rounds: int = 5) -> dict:
+def step_costs(target, draft, gamma: int, rounds: int = 5, batch: int = 1,
+               repeats: int = 30) -> dict:
     """Median step costs over `rounds` interleaved measurements: a burst of load from elsewhere on
     a shared machine then skews one round of both models, not the ratio c."""
     samples: dict[str, list[float]] = {"target_step_ms": [], "draft_step_ms": [], "verify_step_ms": []}
     for _ in range(rounds):
-        samples["target_step_ms"].append(step_ms(target))
-        samples["draft_step_ms"].append(step_ms(draft))
-        samples["verify_step_ms"].append(step_ms(target, new_tokens=gamma + 1))
+        samples["target_step_ms"].append(step_ms(target, batch=batch, repeats=repeats))
+        samples["draft_step_ms"].append(step_ms(draft, batch=batch, repeats=repeats))
+        samples["verify_step_ms"].append(step_ms(target, new_tokens=gamma + 1, batch=batch,
+                                                 repeats=repeats))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def generate_in_chunks(engine, prompts: list[str], **fields) -> list:
-    """Greedy results for every prompt, CHUNK sequences at a time (bounded logits memory)."""
+def generate_in_chunks(engine, prompts: list, **fields) -> list:
+    """Results for every prompt (text or token ids), CHUNK sequences at a time (bounded KV)."""
     results = []
     mode = fields["mode"].name
     for start in tqdm(range(0, len(prompts), CHUNK), desc=f"{mode.lower()} generate",
@@ -181,57 +185,129 @@ def sign_test(a_hits: list[float], b_hits: list[float]) -> tuple[int, int, float
     return a_only, b_only, p
 
 
-def evaluate(target_dir, draft_dir, *, tasks: int = 2000, threads: int = 1, dtype: str = "float32",
-             gamma: int = 4) -> dict:
+def held_out_prompts(tokenizer, kind: str, n: int, max_prompt_tokens: int = PROMPT_TOKENS):
+    """n held-out prompts of one kind ("chat": through the chat template; "code": raw code) as
+    token ids, never trained on (models.corpus.distill_prompts' held-out side)."""
+    from speccascade.models.corpus import distill_prompts, prompt_ids
+
+    chosen = [p for p in distill_prompts(held_out=True) if p.kind == kind][:n]
+    return [prompt_ids(tokenizer, p)[-max_prompt_tokens:] for p in chosen]
+
+
+@torch.inference_mode()
+def sum_min_pq(target, draft, sequences: list[tuple[list[int], list[int]]],
+               temperature: float) -> float:
+    """Mean over generated positions of Σ_v min(p(v), q(v)) with both models' logits divided by
+    `temperature`, teacher-forced on (prompt, output) pairs: the per-token acceptance
+    probability of speculative sampling at that temperature (REFERENCE.md §2)."""
+    total, count = 0.0, 0
+    for prompt, output in sequences:
+        if not output:
+            continue
+        x = torch.tensor([prompt + output[:-1]])
+        first = len(prompt) - 1
+        p = (target(x).logits[0, first:].float() / temperature).softmax(-1)
+        q = (draft(x).logits[0, first:].float() / temperature).softmax(-1)
+        total += torch.minimum(p, q).sum(-1).sum().item()
+        count += len(output)
+    return total / max(count, 1)
+
+
+def acceptance(engine, prompts: list[list[int]], gamma: int, new_tokens: int,
+               temperature: float = 0.0) -> dict:
+    """Speculative decoding at γ on the prompts: mean accepted length per round (accepted + the
+    bonus/correction token), the per-token α explaining it, E = (1 − α^(γ+1)) / (1 − α), and
+    vLLM's accepted / drafted."""
     from speccascade.bench.bounds import alpha_from_mean_accepted_length
+    from speccascade.engine.loop import Mode
+    from speccascade.sampling import SamplingParams
+
+    results = generate_in_chunks(engine, prompts, mode=Mode.SPECULATIVE, max_new_tokens=new_tokens,
+                                 num_draft_tokens=gamma,
+                                 sampling=SamplingParams(temperature=temperature, seed=1))
+    rounds = sum(r.stats.rounds for r in results)
+    accepted = sum(r.stats.accepted for r in results)
+    mean_length = (accepted + rounds) / rounds
+    return {"mean_accepted_length": mean_length,
+            "alpha": alpha_from_mean_accepted_length(mean_length, gamma),
+            "accepted_per_drafted": accepted / max(1, sum(r.stats.drafted for r in results)),
+            "results": results}
+
+
+def evaluate(target_dir, draft_dir, *, tasks: int = 400, prompts: int = 48, threads: int = 1,
+             dtype: str = "float32", gamma: int = 4, temperature: float = 0.8,
+             new_tokens: int = ACCEPTANCE_TOKENS) -> dict:
+    """The card: step costs (batch 1 and 8), acceptance on held-out chat and code prompts (greedy,
+    and sampled at `temperature`), held-out losses and line completion with paired intervals."""
     from speccascade.engine.engine import Engine
     from speccascade.engine.loop import Mode
 
-    cores = torch.get_num_threads()
+    torch.set_num_threads(threads)
     engine = Engine.from_paths(target_dir, draft_dir, dtype=dtype, max_live_seqs=CHUNK)
     target = engine.verifier.worker.runner.model
     draft = engine.drafter.worker.runner.model
     tok = engine.tokenizer
     card: dict = {"target": _shown(target_dir), "draft": _shown(draft_dir), "dtype": dtype,
-                  "threads": threads,
+                  "threads": threads, "gamma": gamma, "temperature": temperature,
                   "target_params_m": sum(p.numel() for p in target.parameters()) / 1e6,
                   "draft_params_m": sum(p.numel() for p in draft.parameters()) / 1e6}
-    with tqdm(total=6, desc="evaluate pair", unit="stage") as bar:
-        card["target_loss"] = held_out_loss(target, tok); bar.update()
-        card["draft_loss"] = held_out_loss(draft, tok); bar.update()
-        card["sampling_acceptance"], card["greedy_agreement_teacher_forced"] = agreement(
-            target, draft, tok); bar.update()
-        torch.set_num_threads(threads)  # step costs as a replica runs; quality uses every core
-        card.update(step_costs(target, draft, gamma))
-        card["cost_ratio_c"] = card["draft_step_ms"] / card["target_step_ms"]; bar.update()
-        torch.set_num_threads(cores)
+    with tqdm(total=5, desc="evaluate pair", unit="stage") as bar:  # costs, chat, code, loss, lines
+        for batch in (1, 8):
+            costs = step_costs(target, draft, gamma, batch=batch, repeats=30 if batch == 1 else 10)
+            suffix = "" if batch == 1 else f"_batch{batch}"
+            for name, value in costs.items():
+                card[name + suffix] = value
+            card["cost_ratio_c" + suffix] = costs["draft_step_ms"] / costs["target_step_ms"]
+            card["verify_in_target_steps" + suffix] = costs["verify_step_ms"] / costs["target_step_ms"]
+        bar.update()
+        lengths, rounds_all = {}, {}
+        kinds = ("chat", "code") if tok.chat_template else ("code",)
+        for kind in kinds:
+            ids = held_out_prompts(tok, kind, prompts)
+            card[f"{kind}_prompts"] = len(ids)
+            for label, temp in (("greedy", 0.0), ("sampled", temperature)):
+                measured = acceptance(engine, ids, gamma, new_tokens, temp)
+                results = measured.pop("results")
+                for name, value in measured.items():
+                    card[f"{kind}_{label}_{name}"] = value
+                rounds = sum(r.stats.rounds for r in results)
+                lengths.setdefault(label, []).append(measured["mean_accepted_length"] * rounds)
+                rounds_all.setdefault(label, []).append(rounds)
+                if label == "sampled":
+                    card[f"{kind}_sampled_sum_min_pq"] = sum_min_pq(
+                        target, draft, [(p, r.token_ids) for p, r in zip(ids, results)], temp)
+            bar.update()
+        from speccascade.bench.bounds import alpha_from_mean_accepted_length
+
+        for label in ("greedy", "sampled"):  # both kinds together, weighted by rounds
+            mean_length = sum(lengths[label]) / sum(rounds_all[label])
+            card[f"{label}_mean_accepted_length"] = mean_length
+            card[f"{label}_acceptance_gamma{gamma}"] = alpha_from_mean_accepted_length(mean_length,
+                                                                                      gamma)
+        card["sampled_sum_min_pq"] = statistics.mean(card[f"{kind}_sampled_sum_min_pq"]
+                                                     for kind in kinds)
+        card["mean_accepted_length"] = card["greedy_mean_accepted_length"]
+        card["target_loss"] = held_out_loss(target, tok, max_tokens=20_000)
+        card["draft_loss"] = held_out_loss(draft, tok, max_tokens=20_000)
+        bar.update()
         line_tasks = line_completion_tasks(tok, tasks)
         answers = [t.answer for t in line_tasks]
-        hits = {}
+        hits, sims = {}, {}
         for mode in (Mode.TARGET, Mode.DRAFT):
             results = generate_in_chunks(engine, [t.prompt for t in line_tasks], mode=mode,
                                          max_new_tokens=LINE_TOKENS)
             preds = [predicted_line(r.text) for r in results]
             name = mode.name.lower()
             hits[name] = list(map(exact_match, preds, answers))
+            sims[name] = list(map(edit_similarity, preds, answers))
             card[f"{name}_line_exact_match"] = sum(hits[name]) / len(line_tasks)
-            card[f"{name}_line_edit_similarity"] = sum(map(edit_similarity, preds, answers)) / len(line_tasks)
+            card[f"{name}_line_edit_similarity"] = sum(sims[name]) / len(line_tasks)
         card["line_tasks"] = len(line_tasks)
         card["line_exact_match_target_only"], card["line_exact_match_draft_only"], \
             card["line_exact_match_sign_test_p"] = sign_test(hits["target"], hits["draft"])
-        bar.update()
-        spec = generate_in_chunks(engine, [t.prompt for t in line_tasks[:ACCEPTANCE_PROMPTS]],
-                                  mode=Mode.SPECULATIVE, max_new_tokens=ACCEPTANCE_TOKENS,
-                                  num_draft_tokens=gamma)
-        drafted = sum(r.stats.drafted for r in spec)
-        rounds = sum(r.stats.rounds for r in spec)
-        card["mean_accepted_length"] = (sum(r.stats.accepted for r in spec) + rounds) / rounds
-        # The per-token acceptance α of REFERENCE.md §2 that explains the measured mean accepted
-        # length, E = (1 − α^(γ+1)) / (1 − α); and vLLM's draft acceptance rate, accepted / drafted
-        # (lower: a token after a rejection is never tested).
-        card[f"greedy_acceptance_gamma{gamma}"] = alpha_from_mean_accepted_length(
-            card["mean_accepted_length"], gamma)
-        card[f"draft_acceptance_rate_gamma{gamma}"] = sum(r.stats.accepted for r in spec) / drafted
+        for metric, values in (("exact_match", hits), ("edit_similarity", sims)):
+            ci = paired_bootstrap_ci(values["target"], values["draft"])
+            card[f"line_{metric}_target_minus_draft"] = [ci["diff"], ci["lo"], ci["hi"]]
         bar.update()
     card["loss_gap_nats"] = card["draft_loss"] - card["target_loss"]
     return card
@@ -244,7 +320,8 @@ def _shown(path) -> str:
 
 
 def main(args) -> None:
-    card = evaluate(args.target, args.draft, tasks=args.tasks, threads=args.threads, dtype=args.dtype)
+    card = evaluate(args.target, args.draft, tasks=args.tasks, threads=args.threads,
+                    dtype="float32" if args.dtype == "auto" else args.dtype)
     text = json.dumps(card, indent=1)
     print(text)
     if args.out:
