@@ -1,12 +1,15 @@
 """Autoscaling, proven locally: load through gRPC raises the drafter's and the verifier's replica
 count, the end of load brings both back to one, and no request fails or changes its greedy output
-while replicas come and go (a request whose KV cache is on another replica is re-prefilled from the
-router's committed tokens).
+while replicas come and go.
 
-Short delays and a short look-back window make Serve react within seconds; the load is bounded
-(UP_BUDGET_S + DOWN_BUDGET_S at most, plus 15 s of extra requests on the grown deployments) and
-loopback only. Nothing here asserts a duration: the deadlines only stop
-a test that would otherwise wait forever.
+Each live request holds one session on a drafter and one on a verifier replica (serve.replica), so
+a replica's ongoing-request count is its live sequences whatever the host's speed: HEAVY streams
+keep about HEAVY sessions open on each deployment, one paused stream under one. Short delays and a
+short look-back window make Serve decide within seconds. Starting a replica (a Ray worker and its
+engine process, both importing their libraries on 2 busy cores) takes what the host takes, so the
+test waits first for Serve's decision (a second replica starting), then for it to run. The load is
+bounded and loopback only. Nothing here asserts a duration: the deadlines only stop a test that
+would otherwise wait forever.
 """
 from __future__ import annotations
 
@@ -25,9 +28,7 @@ MAX_NEW = 32
 HEAVY = 8            # concurrent client streams while scaling up
 LIGHT_PAUSE_S = 0.5  # then one stream, pausing between requests, while scaling down
 UP_BUDGET_S, DOWN_BUDGET_S = 50, 25  # the load's bound, per phase
-# γ = 1: a draft step and a verify step cost about the same here, so under HEAVY load the calls
-# in flight split about evenly between drafter and verifier (several each) and under the light load
-# each holds under one. target_ongoing_requests sits between, with margin on both sides.
+START_BUDGET_S = 300  # a decided replica's start (process + engine + model), on a slow busy host
 GAMMA = 1
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                "upscale_delay_s": 1, "downscale_delay_s": 3,
@@ -58,15 +59,20 @@ def service(tiny_pair):
         launch.stop()
 
 
-def running_replicas() -> dict[str, int]:
+def replicas(*states: str) -> dict[str, int]:
+    """Replicas of each model deployment in the given states (default RUNNING)."""
     from ray import serve
     from ray.serve.schema import ReplicaState
 
     from speccascade.serve.launch import APP_NAME
 
     deployments = serve.status().applications[APP_NAME].deployments
-    return {name: deployments[name].replica_states.get(ReplicaState.RUNNING, 0)
-            for name in ("Drafter", "Verifier")}
+    return {name: sum(deployments[name].replica_states.get(ReplicaState(s), 0)
+                      for s in states or ("RUNNING",)) for name in ("Drafter", "Verifier")}
+
+
+def running_replicas() -> dict[str, int]:
+    return replicas()
 
 
 class Load:
@@ -116,10 +122,11 @@ class Load:
             stop.wait(self.pause_s or 0.0)
 
 
-def wait_for(condition, deadline: float, load: Load, seen: list) -> dict[str, int]:
+def wait_for(condition, deadline: float, load: Load, seen: list,
+             states: tuple[str, ...] = ("RUNNING",)) -> dict[str, int]:
     """Poll Serve until `condition(counts)`, a failure or the deadline; every poll is kept."""
     while True:
-        seen.append(counts := running_replicas())
+        seen.append(counts := replicas(*states))
         if condition(counts) or load.failures or time.monotonic() > deadline:
             return counts
         time.sleep(0.25)
@@ -133,12 +140,19 @@ def test_load_scales_both_deployments_up_and_back_down_without_failures(service)
     seen: list[dict[str, int]] = []
     try:
         load.add(HEAVY)
-        # Each deployment must reach 2 (not necessarily at the same poll).
-        wait_for(lambda c: all(any(s[n] == 2 for s in seen) for n in c),
-                 time.monotonic() + UP_BUDGET_S, load, seen)
-        peak = {n: max(s[n] for s in seen) for n in ("Drafter", "Verifier")}
-        # Every stream completes one more request on the grown deployments (new hash rings:
-        # some KV caches are now on the "wrong" replica and get re-prefilled).
+        # Serve decides to scale each deployment to 2 (starting or running, not necessarily at
+        # the same poll)...
+        decided: list[dict[str, int]] = []
+        wait_for(lambda c: all(any(s[n] == 2 for s in decided) for n in c),
+                 time.monotonic() + UP_BUDGET_S, load, decided, ("STARTING", "RUNNING"))
+        decision = {n: max(s[n] for s in decided) for n in ("Drafter", "Verifier")}
+        # ...and, while the load goes on, the new replicas start.
+        if decision == {"Drafter": 2, "Verifier": 2}:
+            wait_for(lambda c: c == {"Drafter": 2, "Verifier": 2},
+                     time.monotonic() + START_BUDGET_S, load, seen)
+        peak = {n: max([s[n] for s in seen] or [1]) for n in ("Drafter", "Verifier")}
+        # Every stream completes one more request on the grown deployments (new sessions go to
+        # the least-loaded replica; requests already running keep theirs).
         served, until = load.done["ok"], time.monotonic() + 15
         while load.done["ok"] < served + HEAVY and not load.failures and time.monotonic() < until:
             time.sleep(0.1)
@@ -155,6 +169,7 @@ def test_load_scales_both_deployments_up_and_back_down_without_failures(service)
     finally:
         load.remove(len(load._threads))
     assert load.failures == [], load.failures[:5]
-    assert peak == {"Drafter": 2, "Verifier": 2}, f"no scale-up within the load budget: {seen}"
+    assert decision == {"Drafter": 2, "Verifier": 2}, f"no scale-up decision under load: {decided}"
+    assert peak == {"Drafter": 2, "Verifier": 2}, f"decided replicas did not start: {seen}"
     assert down == {"Drafter": 1, "Verifier": 1}, f"no scale-down after the load: {seen[-5:]}"
     assert served_before_scale_down > 0 and load.done["ok"] > served_before_scale_down

@@ -31,7 +31,9 @@ CHAT = [{"role": "system", "content": "complete the code"},
 
 @pytest.fixture(scope="module")
 def config(tiny_pair):
-    return tiny_service_config(tiny_pair, **LIMITS)
+    # Rounds travel over the engines' tcp sockets here (the gRPC e2e module uses ipc://): the
+    # path a router on another node takes.
+    return tiny_service_config(tiny_pair, **LIMITS, transport={"prefer_ipc": False})
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ Figures (cases, injections, RSS) are printed: run with `-s` to see them.
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -323,8 +325,8 @@ def test_bounded_soak(service, references):
 ROUNDS = 10  # each kills one drafter and one verifier replica: 10 injections of each kind
 
 
-def _holder(stats: pb.StatsResponse, role: str) -> str | None:
-    return next((r.replica for r in stats.replicas if r.role == role and r.live_sequences), None)
+def _holder(stats: pb.StatsResponse, role: str):
+    return next((r for r in stats.replicas if r.role == role and r.live_sequences), None)
 
 
 def test_killing_replicas_mid_generation(service, references):
@@ -341,9 +343,14 @@ def test_killing_replicas_mid_generation(service, references):
         stats = service.stats()
         for role in ("drafter", "verifier"):  # the replicas holding these requests' KV entries
             holder = _holder(stats, role)
-            if holder is not None:
-                ray.kill(ray.get_actor(holder, namespace="serve"), no_restart=True)
-                injections[role] += 1
+            if holder is None:
+                continue
+            if n % 2:  # the engine process alone: the replica's health check fails, Serve
+                os.kill(holder.pid, signal.SIGKILL)  # replaces it (stats' pid is the engine's)
+                injections[f"{role} engine"] += 1
+            else:      # the whole replica (its engine dies with it: parent-death signal)
+                ray.kill(ray.get_actor(holder.replica, namespace="serve"), no_restart=True)
+            injections[role] += 1
 
         def finish(k):
             return outcome(lambda: iter([firsts[k], *streams[k]]))

@@ -139,8 +139,10 @@ def rpc_floor_ms(app_name: str, calls: int = 100) -> dict[str, float]:
 
 def _process_name(cmdline: str) -> str | None:
     """Ray titles its workers "ray::<what>[.<running method>]"; Serve replicas
-    "ray::ServeReplica:<app>:<deployment>"."""
+    "ray::ServeReplica:<app>:<deployment>"; engine processes run serve.engine_core <role>."""
     first = cmdline.split(" ")[0]
+    if "speccascade.serve.engine_core" in cmdline:
+        return f"{cmdline.split()[-1]} engine"
     if first.startswith("ray::"):
         return first[len("ray::"):].split(":")[-1].split(".")[0] or None
     for daemon in ("raylet", "gcs_server"):

@@ -18,10 +18,7 @@ from speccascade.engine.costs import CostReport
 from speccascade.sampling import CascadeParams, SamplingParams
 
 
-# k of the shipped q′, chosen by measurement on the default pair (bench/sparse_k.py, README).
-DEFAULT_DRAFT_TOP_K = 256
-# Share of a discarded draft-ahead's compute that delays verification (engine.loop.draft_ahead_pays).
-DEFAULT_DRAFT_AHEAD_WASTE_COST = 0.5
+from speccascade.engine.defaults import DEFAULT_DRAFT_AHEAD_WASTE_COST, DEFAULT_DRAFT_TOP_K  # noqa: F401
 
 
 @dataclass(frozen=True)

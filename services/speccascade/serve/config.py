@@ -13,8 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from speccascade.engine.seam import DEFAULT_DRAFT_AHEAD_WASTE_COST, DEFAULT_DRAFT_TOP_K
-from speccascade.models.loader import default_pair_paths
+from speccascade.engine.defaults import DEFAULT_DRAFT_AHEAD_WASTE_COST, DEFAULT_DRAFT_TOP_K
 
 # "auto": bfloat16 where the device computes it natively and it measured faster, else float32.
 Dtype = Literal["auto", "float32", "bfloat16", "float16", "float64"]
@@ -179,6 +178,8 @@ class ServiceConfig(_Strict):
 
     def model_paths(self) -> tuple[Path, Path]:
         """(target_dir, draft_dir), resolving unset paths to the embedded default pair."""
+        from speccascade.models.loader import default_pair_paths  # torch: not in front ends
+
         default_target, default_draft = default_pair_paths()
         return (Path(self.target.path) if self.target.path else default_target,
                 Path(self.draft.path) if self.draft.path else default_draft)

@@ -16,8 +16,6 @@ import itertools
 import zmq
 import zmq.asyncio
 
-from speccascade.models.runner import CapacityError, ContextLengthError
-from speccascade.sampling import ParamError
 from speccascade.serve import wire
 
 
@@ -29,9 +27,12 @@ class EngineCallError(RuntimeError):
         self.kind = kind
 
 
-def raise_for(reply: wire.Reply) -> None:
+def raise_for(reply: wire.Reply | wire.ControlReply) -> None:
     if reply.error is None:
         return
+    from speccascade.models.runner import CapacityError, ContextLengthError
+    from speccascade.sampling import ParamError
+
     if reply.error == "CapacityError":
         raise CapacityError(reply.message)
     if reply.error == "ContextLengthError":
@@ -44,8 +45,8 @@ def raise_for(reply: wire.Reply) -> None:
 
 
 class EngineClient:
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(self, address: str, decode=wire.decode_reply):
+        self.address, self._decode = address, decode
         self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(address)
@@ -72,7 +73,7 @@ class EngineClient:
 
     async def _read(self) -> None:
         while True:
-            reply = wire.decode_reply(await self._socket.recv(copy=True))
+            reply = self._decode(await self._socket.recv(copy=True))
             future = self._waiting.get(reply.id)
             if future is not None and not future.done():
                 future.set_result(reply)
@@ -119,7 +120,7 @@ def ping_sync(address: str, secret: bytes, timeout_s: float) -> dict | None:
                                           wire.session_token(secret, wire.CONTROL_SEQ))))
         if not socket.poll(int(timeout_s * 1000)):
             return None
-        reply = wire.decode_reply(socket.recv())
+        reply = wire.decode_control_reply(socket.recv())
         raise_for(reply)
         return reply.info
     finally:

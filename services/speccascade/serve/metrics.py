@@ -5,9 +5,12 @@ Names follow REFERENCE.md §1: drafted/accepted tokens, acceptance rate, mean ac
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from speccascade.engine.seam import RequestStats
+if TYPE_CHECKING:
+    from speccascade.engine.seam import RequestStats
 
 _MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 _FRACTION = [0.1 * i for i in range(1, 11)]

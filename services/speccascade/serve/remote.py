@@ -43,6 +43,7 @@ class Session:
         self.client = clients.acquire(info.ipc if info.node_id == node_id else info.tcp)
         # The stream yields nothing more while the session lives: this finishes only at its end.
         self.ended = asyncio.ensure_future(anext(stream, None))
+        self.ended.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, not logged
 
     @classmethod
     async def open(cls, handle, seq_id: str, node_id: str) -> "Session":

@@ -102,7 +102,8 @@ class ModelReplica:
                 "replica": self.name, "parent_pid": os.getpid()}
         env = {**os.environ, "OMP_NUM_THREADS": str(getattr(self.config, self.role).torch_threads)}
         try:
-            self._proc = subprocess.Popen([sys.executable, "-m", "speccascade.serve.engine_core"],
+            self._proc = subprocess.Popen([sys.executable, "-m", "speccascade.serve.engine_core",
+                                           self.role],  # the role: for ps, top, py-spy
                                           stdin=subprocess.PIPE, env=env, text=True)
             self._proc.stdin.write(json.dumps(spec) + "\n")  # the secret never shows in `ps`
             self._proc.stdin.close()
@@ -126,7 +127,7 @@ class ModelReplica:
 
     async def _call(self, kind: str, seq_id: str = wire.CONTROL_SEQ) -> wire.Reply:
         if self._control is None:
-            self._control = EngineClient(self.ipc)
+            self._control = EngineClient(self.ipc, decode=wire.decode_control_reply)
         return await self._control.call(kind, seq_id, wire.session_token(self._secret, seq_id))
 
     def __del__(self):

@@ -11,16 +11,17 @@ HMAC-SHA256(engine secret, seq_id): the replica hands it to the router when it o
 that sequence (over Serve, which is authenticated by the Ray cluster), and the engine checks it on
 every call. A token opens one sequence only; control calls (stats, ping) need the token of
 CONTROL_SEQ, which only the replica that spawned the engine can compute.
+
+The seam's types (and torch) are imported on the first typed decode: a replica's front end only
+reads control replies (`decode_control_reply`) and starts without torch.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 
 import msgspec
-import torch
-
-from speccascade.engine.seam import DraftRequest, DraftResult, VerifyRequest, VerifyResult
 
 CONTROL_SEQ = "__control__"       # the seq_id of calls that are not about a sequence
 _TENSOR = 1                        # msgpack extension code of a torch tensor
@@ -45,6 +46,17 @@ class Reply(msgspec.Struct, array_like=True):
     field: str | None = None                 # a ParamError's / ContextLengthError's field
 
 
+class ControlReply(msgspec.Struct, array_like=True):
+    """A Reply read without its model payloads (a front end's control calls)."""
+    id: int
+    draft: msgspec.Raw
+    verify: msgspec.Raw
+    info: dict | None = None
+    error: str | None = None
+    message: str = ""
+    field: str | None = None
+
+
 class SessionInfo(msgspec.Struct):
     """What a replica's session yields first: how to reach its engine for one sequence."""
     replica: str                   # the Serve replica id (stats, fail-over logs)
@@ -63,6 +75,8 @@ def token_ok(secret: bytes, seq_id: str, token: bytes) -> bool:
 
 
 def _enc_hook(obj):
+    import torch
+
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         head = msgspec.msgpack.encode((str(t.dtype).removeprefix("torch."), list(t.shape)))
@@ -73,6 +87,8 @@ def _enc_hook(obj):
 def _ext_hook(code: int, data: memoryview):
     if code != _TENSOR:
         raise NotImplementedError(f"unknown extension {code}")
+    import torch
+
     n = data[0]
     dtype, shape = msgspec.msgpack.decode(data[1:1 + n])
     body = bytearray(data[1 + n:])  # a copy the tensor owns (the frame is reused by ZMQ)
@@ -81,17 +97,30 @@ def _ext_hook(code: int, data: memoryview):
 
 
 def _dec_hook(kind, obj):
+    import torch
+
     if kind is torch.Tensor and isinstance(obj, torch.Tensor):
         return obj
     raise NotImplementedError(f"cannot decode {kind}")
 
 
-_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
-_call_decoder = msgspec.msgpack.Decoder(Call, ext_hook=_ext_hook, dec_hook=_dec_hook)
-_reply_decoder = msgspec.msgpack.Decoder(Reply, ext_hook=_ext_hook, dec_hook=_dec_hook)
-_session_decoder = msgspec.msgpack.Decoder(SessionInfo)
+@functools.cache
+def _typed(kind: type) -> msgspec.msgpack.Decoder:
+    # msgspec resolves Call's and Reply's annotations in this module's namespace.
+    from speccascade.engine import seam
 
-encode = _encoder.encode
-decode_call = _call_decoder.decode
-decode_reply = _reply_decoder.decode
-decode_session = _session_decoder.decode
+    globals().update(DraftRequest=seam.DraftRequest, DraftResult=seam.DraftResult,
+                     VerifyRequest=seam.VerifyRequest, VerifyResult=seam.VerifyResult)
+    return msgspec.msgpack.Decoder(kind, ext_hook=_ext_hook, dec_hook=_dec_hook)
+
+
+def decode_call(frame) -> Call:
+    return _typed(Call).decode(frame)
+
+
+def decode_reply(frame) -> Reply:
+    return _typed(Reply).decode(frame)
+
+
+encode = msgspec.msgpack.Encoder(enc_hook=_enc_hook).encode
+decode_control_reply = msgspec.msgpack.Decoder(ControlReply).decode
