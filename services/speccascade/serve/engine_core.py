@@ -56,6 +56,7 @@ class EngineCore:
         self.socket = self._ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.addresses: dict[str, str] = {}
+        self.stopped = False  # set by `stop` (tests); a spawned engine runs until it is killed
 
     def bind(self, ipc: str, host: str) -> None:
         """ipc:// for callers on this node; tcp on the node's own IP (never 0.0.0.0) for others."""
@@ -66,7 +67,7 @@ class EngineCore:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        while True:
+        while not self.stopped:
             if not self._pending:                                   # 1. block while idle
                 self.socket.poll(self._idle_timeout_ms())
             self._drain()                                           # 2.
@@ -84,6 +85,11 @@ class EngineCore:
             if model_calls:
                 self._forward(model_calls)                          # 4.
             self._housekeeping()                                    # 5.
+        self.socket.close(linger=0)
+
+    def stop(self) -> None:
+        """End `run` at its next wake-up (any message, or the idle poll) and close the socket."""
+        self.stopped = True
 
     def _idle_timeout_ms(self) -> int:
         return int(max(1, min(IDLE_POLL_MS, (self._next_evict - time.monotonic()) * 1000)))

@@ -24,11 +24,14 @@ from speccascade.engine.seam import DraftRequest, DraftResult, VerifyRequest, Ve
 from speccascade.serve import wire
 from speccascade.serve.engine_client import clients
 from speccascade.serve.errors import ReplicaFailedError
+from speccascade.serve.replica import EngineGoneError
 
 logger = logging.getLogger("ray.serve")
 
-# What a dead or restarting replica looks like to a caller.
-REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+# What a dead or restarting replica looks like to a caller (a replica whose engine died answers
+# EngineGoneError until Serve replaces it).
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError,
+                EngineGoneError)
 
 
 class SessionLostError(RuntimeError):
