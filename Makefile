@@ -35,7 +35,7 @@ test-fast: install  ## everything but the Ray Serve end-to-end tests
 proto: install      ## regenerate services/speccascade/v1 from proto/ (also done by every install)
 	$(BIN)/python services/speccascade/protogen.py
 
-bench: install      ## full benchmark: BENCHMARKS.md, JSON and plots
+bench: install      ## issue 23/24 goals, both transports, CPU per process: BENCHMARKS.md, JSON, plots (≤ 40 min; bench-quick prints the estimate)
 	$(BIN)/speccascade bench
 
 bench-quick: install

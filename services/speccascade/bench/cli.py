@@ -7,14 +7,15 @@ from pathlib import Path
 
 def add_bench_parser(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmarks: JSON, BENCHMARKS.md and PNG plots")
-    parser.add_argument("--quick", action="store_true", help="smoke run (minutes, tiny counts)")
+    parser.add_argument("--quick", action="store_true", help="smoke run (minutes, tiny counts); "
+                        "prints the full plan's estimated stage times on this pair and host")
     parser.add_argument("--out", default=None, help="folder for results.json and plots "
                         "(default: benchmarks/, or a temp folder with --quick)")
     parser.add_argument("--markdown", default=None, help="default: BENCHMARKS.md (full run)")
     parser.add_argument("--grpc-port", type=int, default=9123)
     parser.add_argument("--http-port", type=int, default=8123, help="Serve's HTTP proxy")
-    parser.add_argument("--target", default=None, help="local checkpoint (default: embedded pair)")
-    parser.add_argument("--draft", default=None, help="local checkpoint (default: embedded pair)")
+    parser.add_argument("--target", default=None, help="local checkpoint (default: the default pair)")
+    parser.add_argument("--draft", default=None, help="local checkpoint (default: the default pair)")
     parser.add_argument("--dtype", default=None, help="both models (default: the config's, auto); "
                         "float32 makes greedy equality exact")
     parser.set_defaults(func=_bench)
@@ -78,6 +79,11 @@ def _bench(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'results.json'}, {markdown} and plots in {out}")
     for name, (value, goal, op, issue) in results["derived"]["goals"].items():
         print(f"  issue {issue}: {name}: {value:.2f} (goal {op} {goal})")
+    est = results["estimate_full_s"]
+    print(f"stages (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in results["stage_s"].items()))
+    if args.quick:
+        print(f"estimated full run: {est['total_s'] / 60:.1f} min (" + ", ".join(
+            f"{k} {v / 60:.1f}" for k, v in est.items() if k != "total_s") + ")")
 
 
 def _frontier(args: argparse.Namespace) -> None:

@@ -1,9 +1,12 @@
 """What limits each goal a run misses, in that run's own numbers (for BENCHMARKS.md).
 
-Every sentence is computed from results.json: the bound, the round's decomposition, the CPU per
-round by process, the RPC floor and the router's py-spy profile. Nothing here is hand-written data.
+Every sentence is computed from results.json: the round's decomposition, the CPU per round by
+process, the mean rows per forward, the hop and the router's py-spy profile. Nothing here is
+hand-written data.
 """
 from __future__ import annotations
+
+from speccascade.bench.sweep import CONTROLLER, cell
 
 
 def other_ms(s: dict) -> float:
@@ -17,7 +20,7 @@ def _round(s: dict) -> str:
             f"other {other_ms(s):.1f}")
 
 
-def _cpu(s: dict, top: int = 4) -> str:
+def cpu_line(s: dict, top: int = 5) -> str:
     cpu = sorted(s.get("cpu_ms_per_round", {}).items(), key=lambda kv: -kv[1])[:top]
     return ", ".join(f"{name} {ms:.1f}" for name, ms in cpu)
 
@@ -26,107 +29,76 @@ def _profile(p: dict) -> str:
     share = p.get("self_share", {})
     ray = share.get("Ray core", 0) + share.get("Ray Serve", 0) + share.get("grpc", 0)
     return (f"py-spy on the router ({p.get('samples', 0)} samples): {ray:.0%} of samples in Ray, "
-            f"Serve and grpc frames (Ray's core worker is native code behind `ray/_raylet.pyx`), "
-            f"{share.get('speccascade', 0):.0%} in speccascade's own frames (on the stack in "
-            f"{p.get('speccascade_on_stack', 0):.0%}), asyncio {share.get('asyncio', 0):.0%}, thread "
-            f"run loops and pools (native calls below them) "
-            f"{share.get('thread run loops', 0) + share.get('thread pools', 0):.0%}")
+            f"Serve and grpc frames, {share.get('speccascade', 0):.0%} in speccascade's own frames "
+            f"(on the stack in {p.get('speccascade_on_stack', 0):.0%}), asyncio "
+            f"{share.get('asyncio', 0):.0%}")
 
 
-def _scaling(conc: dict, mode: str, many: int) -> str:
-    levels = {int(k): v for k, v in conc[mode].items()}
-    if many not in levels or 1 not in levels:
+def _scaling(greedy: dict, name: str, many: int = 8) -> str:
+    try:
+        a, b = cell(greedy, name, 1), cell(greedy, name, many)
+    except KeyError:
         return ""
-    a, b = levels[1], levels[many]
-    return (f"{mode}: {a['aggregate_tokens_per_s']:.0f} → {b['aggregate_tokens_per_s']:.0f} tok/s; "
-            f"the cores were {a.get('cpu_busy_fraction', 0):.0%} busy at 1 stream and "
-            f"{b.get('cpu_busy_fraction', 0):.0%} at {many}; CPU per round at {many} streams (ms): "
-            f"{_cpu(b)}; mean verifier batch {b['mean_batch_size'].get('verifier', 0):.1f}")
+    return (f"{a['aggregate_tokens_per_s']:.1f} → {b['aggregate_tokens_per_s']:.1f} tok/s; the cores "
+            f"were {a.get('cpu_busy_fraction', 0):.0%} busy at 1 stream and "
+            f"{b.get('cpu_busy_fraction', 0):.0%} at {many}; rows per forward at {many}: verifier "
+            f"{b['mean_batch_size'].get('verifier', 0):.1f}, drafter "
+            f"{b['mean_batch_size'].get('drafter', 0):.1f}; CPU per round at {many} (ms): {cpu_line(b)}")
+
+
+def _controller(table: dict) -> str:
+    """At the level where the controller is furthest from the best fixed γ: the γ it chose."""
+    def tps(name, n):
+        return cell(table, name, n)["aggregate_tokens_per_s"]
+    levels = sorted({int(n) for n in table[CONTROLLER]})
+    fixed = [name for name in table if name.startswith("γ=")]
+    n = min(levels, key=lambda n: tps(CONTROLLER, n) / max(tps(f, n) for f in fixed))
+    best = max(fixed, key=lambda f: tps(f, n))
+    chosen, best_gamma = cell(table, CONTROLLER, n)["mean_gamma"], int(best.split("=")[1])
+    return (f"at {n} stream{'s' * (n > 1)} the controller chose mean γ {chosen:.1f} "
+            f"({tps(CONTROLLER, n):.1f} tok/s) where {best} ran {tps(best, n):.1f}; its model of the "
+            f"round (the engines' cost fits, per-position acceptance) put the optimum "
+            f"{'below' if chosen < best_gamma else 'above'} the best fixed γ")
 
 
 def explain(results: dict) -> list[str]:
     """One markdown bullet per missed goal."""
-    d, svc, steps = results["derived"], results["service"], results["steps_ms"]
-    speed, sampled, conc = svc["speed"], svc["sampled"], svc["concurrency"]
-    pipe, seq = speed["SPECULATIVE pipelined"], speed["SPECULATIVE sequential"]
-    always = speed["SPECULATIVE always ahead"]
-    floor, prof = results["rpc_floor_ms"], svc.get("router_profile", {})
-    why = {
-        "median non-model time per round (ms)":
-            f"{_round(pipe)}. One empty router → verifier call costs {floor['router_to_verifier']:.2f} ms "
-            f"and a raw Ray actor call {floor['raw_ray_actor']:.2f} ms; every round makes a verify call, "
-            f"a draft call unless its block was drafted ahead, and streams one message through the proxy",
-        "router CPU per round (ms)": f"CPU per round (ms): {_cpu(pipe, 6)}. {_profile(prof)}",
-        "greedy SPECULATIVE pipelined / pipelined bound":
-            f"the bound's round is one verification ({steps['verify']:.1f} ms in process) with the draft "
-            f"fully hidden; through the service {_round(pipe)}",
-        "greedy SPECULATIVE (service) / HF assisted (in process)":
-            f"in process our own loop runs at {results['in_process']['engine_speculative']['tokens_per_s']:.1f} "
-            f"tok/s and HF assisted at {results['in_process']['hf_assisted']['tokens_per_s']:.1f}; the "
-            f"service at {pipe['tokens_per_s']:.1f}: {_round(pipe)}",
-        "sampled SPECULATIVE / sampled TARGET":
-            f"sampled α = {d['sampled_alpha']:.2f} (greedy {d['alpha']:.2f}) caps the speedup at "
-            f"{d['sampled_pipelined_bound']:.2f}×; {_round(sampled['SPECULATIVE pipelined'])}",
-        "sampled SPECULATIVE / its pipelined bound": _round(sampled["SPECULATIVE pipelined"]),
-        "pipelined / sequential":
-            f"the gate drafted {pipe.get('round_drafted_ahead', 0):.2f} tokens ahead per round; always "
-            f"drafting ahead gives {always['tokens_per_s'] / seq['tokens_per_s']:.2f}× sequential and "
-            f"discards {always.get('round_discarded_draft_tokens', 0):.2f} tokens per round. On 2 shared "
-            f"cores the overlapped draft slows the verifier: verify per round {always['round_verify_ms']:.1f} "
-            f"ms always-ahead against {seq['round_verify_ms']:.1f} ms sequential",
-        "greedy cascade at its SD end (slowest rule) / SPECULATIVE": _slowest(speed),
-        "sampled cascade at its SD end (slowest rule) / SPECULATIVE": _slowest(sampled),
-        "8 greedy SPECULATIVE streams / 1 stream": _scaling(conc, "SPECULATIVE", 8),
-        "16 streams / 8 streams": _scaling(conc, "SPECULATIVE", 16),
-        "8 TARGET streams / 1 TARGET stream": _scaling(conc, "TARGET", 8),
-        "verifier runner time outside the forward at B=8 / forward":
-            f"runner {results['runner_overhead']['target']['runner_ms']:.1f} ms per call, forward "
-            f"{results['runner_overhead']['target']['forward_ms']:.1f} ms",
-        "best cascade with ≤ 1 % line-completion loss: speed / SPECULATIVE":
-            f"best passing configuration: {d.get('best_cascade') or 'none passed'}; issue 17's "
-            f"frontier (`make frontier`) measures this with confidence intervals",
+    d, plan = results["derived"], results["plan"]
+    sweep = results["service"]["sweep"]
+    greedy, sampled = sweep["greedy"], sweep["sampled"]
+    spec = f"γ={plan['gamma']}"
+    one, hop = cell(greedy, spec, 1), results["hop"]
+    steps = results["steps_ms"]
+    why_prefix = {
+        "verifier mean rows per forward": _scaling(greedy, "TARGET"),
+        "8 TARGET streams": _scaling(greedy, "TARGET"),
+        "8 greedy SPECULATIVE": _scaling(greedy, spec),
+        "router CPU per round": f"CPU per round (ms): {cpu_line(one, 8)}. "
+                                f"{_profile(results['service'].get('router_profile', {}))}",
+        "empty data-path call": (
+            f"p99 {hop['idle']['p99_ms']:.2f} ms; under {hop['under_load']['streams']} TARGET "
+            f"streams p50 {hop['under_load']['router_to_verifier']:.2f}, p99 "
+            f"{hop['under_load']['p99_ms']:.2f} ms; an empty Serve call "
+            f"{hop['idle']['serve_call_median_ms']:.2f} ms"),
+        "median non-model time": f"{_round(one)}; one empty data-path call costs "
+                                 f"{hop['idle']['router_to_verifier']:.2f} ms",
+        "1 stream greedy SPECULATIVE: service": (
+            f"in process our loop ran {results['in_process']['engine_speculative']['tokens_per_s']:.1f}"
+            f" tok/s, the service {one['tokens_per_s']:.1f}: {_round(one)}"),
+        "greedy: controller": _controller(greedy),
+        "sampled: controller": _controller(sampled),
+        "greedy SPECULATIVE": (
+            f"steps in process: target {steps['target']:.1f} ms, draft {steps['draft']:.1f}, "
+            f"verify(γ+1) {steps['verify']:.1f}; acceptance {one['acceptance_rate']:.2f}; {_round(one)}"),
+        "sampled (T 0.8)": (
+            f"acceptance {cell(sampled, spec, 1)['acceptance_rate']:.2f} (greedy "
+            f"{one['acceptance_rate']:.2f}); {_round(cell(sampled, spec, 1))}"),
     }
-    why.update(_sweep_why(svc.get("sweep", {})))
     lines = []
     for name, (value, goal, op, issue) in d["goals"].items():
         met = value >= goal if op == "≥" else value <= goal
         if not met:
-            lines.append(f"- **{name}** (issue {issue}): {value:.2f}, goal {op} {goal}. "
-                         f"{why.get(name, '')}.")
+            why = next((text for prefix, text in why_prefix.items() if name.startswith(prefix)), "")
+            lines.append(f"- **{name}** (issue {issue}): {value:.2f}, goal {op} {goal}."
+                         + (f" {why}." if why else ""))
     return lines
-
-
-def _slowest(table: dict) -> str:
-    from speccascade.bench.service import slowest_sd_end
-
-    _, name = slowest_sd_end(table, "SPECULATIVE pipelined")
-    spec = table["SPECULATIVE pipelined"]
-    return (f"slowest: {name}, {table[name]['tokens_per_s']:.1f} against {spec['tokens_per_s']:.1f} "
-            f"tok/s; {_round(table[name])}; SPECULATIVE: {_round(spec)}")
-
-
-def _sweep_why(sweep: dict) -> dict[str, str]:
-    """For the controller's goals: at the level where it is furthest from the best fixed γ, the
-    γ it chose against that best γ, and the heuristic's mean γ at one stream."""
-    from speccascade.bench.sweep import CONTROLLER, HEURISTIC, cell
-
-    out = {}
-    for kind, table in sweep.items():
-        def tps(name, n):
-            return cell(table, name, n)["aggregate_tokens_per_s"]
-        levels = sorted({int(n) for n in table[CONTROLLER]})
-        fixed = [name for name in table if name.startswith("γ=")]
-        n = min(levels, key=lambda n: tps(CONTROLLER, n) / max(tps(f, n) for f in fixed))
-        best = max(fixed, key=lambda f: tps(f, n))
-        chosen, best_gamma = cell(table, CONTROLLER, n)["mean_gamma"], int(best.split("=")[1])
-        out[f"{kind}: controller / best fixed γ, worst stream count"] = (
-            f"at {n} stream{'s' * (n > 1)} the controller chose mean γ {chosen:.1f} "
-            f"({tps(CONTROLLER, n):.1f} tok/s) where {best} ran {tps(best, n):.1f}; its model of "
-            f"the round (the replicas' cost fits, per-position acceptance) put the optimum "
-            f"{'below' if chosen < best_gamma else 'above'} the best fixed γ")
-        if 1 in levels:
-            out[f"{kind}, 1 stream: controller / transformers heuristic"] = (
-                f"the heuristic reached mean γ {cell(table, HEURISTIC, 1)['mean_gamma']:.1f} (up to "
-                f"the server's maximum 16) at {tps(HEURISTIC, 1):.1f} tok/s; the controller's γmax "
-                f"is 8 and it chose mean γ {cell(table, CONTROLLER, 1)['mean_gamma']:.1f}")
-    return out

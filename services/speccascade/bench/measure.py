@@ -104,37 +104,67 @@ def summarize(runs: list[Run]) -> dict:
     }
 
 
-def rpc_floor_ms(app_name: str, calls: int = 100) -> dict[str, float]:
-    """Median round trip of an empty call, measured in this run on the same Ray cluster: from the
-    Router replica to a Verifier replica over the transport the rounds use (the router's own handle
-    options and replica env vars, ServiceConfig.transport), and as a raw Ray actor call from here.
-    No round can take less non-model time than one such round trip, since every round waits for
-    at least one verification."""
+def rpc_floor_ms(app_name: str, calls: int = 100, raw_actor: bool = True) -> dict:
+    """Empty calls timed in the Router replica (Router.rpc_floor): a data-path ping router →
+    engine → router over the path the rounds use ("router_to_verifier" = its p50, "p99_ms",
+    "path": ipc or tcp), an empty Serve call to a verifier replica ("serve_call_median_ms"), and
+    with `raw_actor` a raw Ray actor call from here. No round can take less non-model time than
+    one data-path round trip, since every round waits for at least one verification."""
     import ray
     from ray import serve
 
-    @ray.remote(num_cpus=0)
-    class Echo:
-        def call(self, value=None):
-            return value
-
     router = serve.get_deployment_handle("Router", app_name).options(method_name="rpc_floor")
-    actor = Echo.remote()
+    floor = router.remote(calls).result()
+    out = {"router_to_verifier": floor["median_ms"], "p99_ms": floor["p99_ms"],
+           "serve_call_median_ms": floor["serve_call_median_ms"], "path": floor["path"],
+           "calls": floor["calls"]}
+    if raw_actor:
+        @ray.remote(num_cpus=0)
+        class Echo:
+            def call(self, value=None):
+                return value
 
-    def median_ms(call) -> float:
-        call()  # warm up
-        times = []
-        for _ in range(calls):
-            started = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - started) * 1000)
-        return statistics.median(times)
+        actor = Echo.remote()
+        try:
+            ray.get(actor.call.remote())  # warm up
+            times = []
+            for _ in range(calls):
+                started = time.perf_counter()
+                ray.get(actor.call.remote())
+                times.append((time.perf_counter() - started) * 1000)
+            out["raw_ray_actor"] = statistics.median(times)
+        finally:
+            ray.kill(actor)
+    return out
 
+
+def hop_under_load(client, app_name: str, prompts, streams: int, calls: int, **fields) -> dict:
+    """`rpc_floor_ms` while `streams` streams run in threads, each sending requests back to back
+    until the pings are done: the hop as a round sees it while the engines are busy (a ping waits
+    for the forward in progress, as a round's call does)."""
+    import threading
+
+    stop = threading.Event()
+    tokens = [0] * streams
+
+    def load(i: int) -> None:
+        while not stop.is_set():
+            tokens[i] += len(stream_one(client, prompts[i % len(prompts)], **fields).token_ids)
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # sessions open and the first rounds run
     try:
-        return {"router_to_verifier": router.remote(calls).result()["median_ms"],
-                "raw_ray_actor": median_ms(lambda: ray.get(actor.call.remote()))}
+        floor = rpc_floor_ms(app_name, calls, raw_actor=False)
     finally:
-        ray.kill(actor)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    floor["streams"] = streams
+    floor["load_tokens_per_s"] = sum(tokens) / (time.perf_counter() - started)
+    return floor
 
 
 def _process_name(cmdline: str) -> str | None:
@@ -152,10 +182,12 @@ def _process_name(cmdline: str) -> str | None:
 
 
 def cpu_seconds_by_process() -> dict[str, float]:
-    """User + system CPU seconds of this machine's Ray processes by name (Linux /proc), and of
-    this process (the benchmark's gRPC client) as "client"."""
+    """User + system CPU seconds of this run's Ray processes by name (Linux /proc): the
+    descendants of this process (the Ray cluster it started: raylet, Serve replicas and their
+    engine processes), so that other clusters on the machine are not counted; and this process
+    (the benchmark's gRPC client) as "client"."""
     tick = os.sysconf("SC_CLK_TCK")
-    found: dict[str, float] = {}
+    procs: dict[int, tuple[int, str, float]] = {}  # pid -> (ppid, cmdline, cpu seconds)
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(
@@ -163,9 +195,21 @@ def cpu_seconds_by_process() -> dict[str, float]:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:  # the process ended meanwhile
             continue
+        procs[int(stat.parent.name)] = (int(fields[1]), cmdline,
+                                        (int(fields[11]) + int(fields[12])) / tick)
+    ours, me = {}, os.getpid()
+    for pid in procs:
+        seen, p = [], pid
+        while p in procs and p not in ours and p != me and p > 1:
+            seen.append(p)
+            p = procs[p][0]
+        mine = ours.get(p, p == me)
+        ours.update(dict.fromkeys(seen, mine))
+    found: dict[str, float] = {}
+    for pid, (_, cmdline, seconds) in procs.items():
         name = _process_name(cmdline)
-        if name and stat.parent.name != str(os.getpid()):
-            found[name] = found.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        if name and ours.get(pid):
+            found[name] = found.get(name, 0.0) + seconds
     own = os.times()
     found["client"] = own.user + own.system
     return found

@@ -1,4 +1,4 @@
-"""In-process references: the Hugging Face peer, our engine, and a sequential token-level cascade."""
+"""In-process references: our engine, a sequential token-level cascade, the target's log-likelihood."""
 from __future__ import annotations
 
 import time
@@ -8,30 +8,6 @@ import torch
 
 from speccascade.engine.transcript import Transcript
 from speccascade.models.runner import ModelRunner
-
-
-@torch.inference_mode()
-def hf_generate(target, prompts: list[list[int]], new_tokens: int, *, draft=None,
-                gamma: int = 4, progress=None) -> dict:
-    """transformers `generate`, greedy; with `draft` it is assisted generation at a constant γ."""
-    kwargs = {}
-    if draft is not None:
-        draft.generation_config.num_assistant_tokens = gamma
-        draft.generation_config.num_assistant_tokens_schedule = "constant"
-        draft.generation_config.assistant_confidence_threshold = 0.0
-        kwargs["assistant_model"] = draft
-    tokens, seconds, outputs = 0, 0.0, []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        started = time.perf_counter()
-        out = target.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              pad_token_id=target.config.pad_token_id, **kwargs)
-        seconds += time.perf_counter() - started
-        outputs.append(out[0, len(prompt):].tolist())
-        tokens += len(outputs[-1])
-        if progress is not None:
-            progress.update()
-    return {"tokens": tokens, "tokens_per_s": tokens / seconds, "outputs": outputs}
 
 
 def engine_generate(engine, prompts: list[list[int]], new_tokens: int, progress=None,
