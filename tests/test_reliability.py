@@ -337,12 +337,17 @@ def test_killing_replicas_mid_generation(service, references):
         # Both deployments back at two replicas: each round meets healthy deployments.
         wait_idle(service, deadline_s=120)
         prompts = [PROMPTS[(2 * n + k) % len(PROMPTS)] for k in range(2)]
+        # γ = 1: the most rounds per request, so the requests are still running at the kills
         streams = [service.generate_stream(p, max_new_tokens=LONG, mode="speculative",
-                                           num_draft_tokens=2, timeout=90) for p in prompts]
+                                           num_draft_tokens=1, timeout=90) for p in prompts]
         firsts = [next(s) for s in streams]
-        stats = service.stats()
-        for role in ("drafter", "verifier"):  # the replicas holding these requests' KV entries
-            holder = _holder(stats, role)
+        holders = {}
+        for _ in range(20):  # the replicas holding these requests' KV entries, while they run
+            stats = service.stats()
+            holders = {role: _holder(stats, role) for role in ("drafter", "verifier")}
+            if all(holders.values()):
+                break
+        for role, holder in holders.items():
             if holder is None:
                 continue
             if n % 2:  # the engine process alone: the replica's health check fails, Serve
