@@ -9,6 +9,9 @@ one stream keep their token ids, for the losslessness check against TARGET.
 from __future__ import annotations
 
 import os
+import time
+
+import grpc
 
 from tqdm import tqdm
 
@@ -57,9 +60,18 @@ def cell(table: dict, name: str, streams: int) -> dict:
 def _measure(client, batch: list, streams: int, plan, fields: dict, acc: dict) -> None:
     """One cell and repeat: the runs, their wall time, CPU by process and batch counters, added
     to `acc`."""
-    cpu_before, counters_before = cpu_seconds_by_process(), batch_counters(client)
-    runs, wall = run_concurrent(client, batch, streams, max_new_tokens=plan.new_tokens, **fields)
-    cpu_after, counters_after = cpu_seconds_by_process(), batch_counters(client)
+    for attempt in range(3):  # a replica or Serve's controller replaced mid-cell: measure again
+        try:
+            cpu_before, counters_before = cpu_seconds_by_process(), batch_counters(client)
+            runs, wall = run_concurrent(client, batch, streams, max_new_tokens=plan.new_tokens,
+                                        **fields)
+            cpu_after, counters_after = cpu_seconds_by_process(), batch_counters(client)
+            break
+        except grpc.RpcError as exc:
+            if attempt == 2 or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            print(f"cell ({streams} streams, {fields}) failed: {exc.details()}; measuring it again")
+            time.sleep(15)
     acc["runs"] += runs
     acc["wall"] += wall
     for process, seconds in cpu_after.items():
