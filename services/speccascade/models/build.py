@@ -55,7 +55,7 @@ CANDIDATE_SHAPES = (Shape(192, 512, 4, 3, 1), Shape(192, 512, 6, 3, 1), Shape(25
 class BuildConfig:
     seed: int = 0
     threads: int = 1
-    prompts: int = 1280              # training prompts answered by the target (≈ 3.3 min / 128)
+    prompts: int = 896               # training prompts answered by the target (≈ 3.5 min / 128)
     shard_prompts: int = 128         # prompts per saved shard (the unit of resumption)
     gen_batch: int = 32              # sequences decoded together
     max_prompt_tokens: int = 256
@@ -66,12 +66,12 @@ class BuildConfig:
     max_cost_ratio: float = 0.10     # c = draft step / target step (goal ≤ 0.12; margin for noise)
     max_draft_mb: float = 30.0
     candidates: tuple = CANDIDATE_SHAPES
-    steps: int = 400
-    batch: int = 16
-    lr: float = 2e-3
-    warmup_steps: int = 30
+    steps: int = 300
+    batch: int = 12
+    lr: float = 3e-3
+    warmup_steps: int = 20
     hard_weight: float = 0.1         # cross-entropy on the target's chosen token, beside the soft KL
-    checkpoint_every: int = 50
+    checkpoint_every: int = 25
 
 
 def quick_config() -> BuildConfig:
@@ -332,13 +332,18 @@ def stage_draft(cfg: BuildConfig, work: Path, shape: Shape, out: Path, log: dict
     model.tie_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.05)
     ckpt = work / "draft_checkpoint.pt"
-    start, history = 0, []
+    start, history, segments = 0, [], [[0, cfg.steps]]
     if ckpt.exists():
         state = torch.load(ckpt)
-        if state["shape"] == asdict(shape) and state["steps"] == cfg.steps:
+        if state["shape"] == asdict(shape) and state["step"] <= cfg.steps:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             start, history = state["step"], state["history"]
+            # A schedule changed mid-run (steps) continues on the new cosine from this step: the
+            # log keeps every (step, schedule) segment, since such a draft differs from a fresh run.
+            segments = state.get("segments", [[0, state["steps"]]])
+            if segments[-1][1] != cfg.steps:
+                segments.append([start, cfg.steps])
             print(f"resuming the draft at step {start}")
     use_bf16 = cpu_has_fast_bf16()
     started = time.time()
@@ -361,7 +366,8 @@ def stage_draft(cfg: BuildConfig, work: Path, shape: Shape, out: Path, log: dict
                             hard=f"{sum(h for _, h in recent) / len(recent):.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                        "history": history, "shape": asdict(shape), "steps": cfg.steps},
+                        "history": history, "shape": asdict(shape), "steps": cfg.steps,
+                        "segments": segments},
                        work / "draft_checkpoint.pt.partial")
             (work / "draft_checkpoint.pt.partial").rename(ckpt)
     model.eval()
@@ -370,6 +376,7 @@ def stage_draft(cfg: BuildConfig, work: Path, shape: Shape, out: Path, log: dict
     tok.save_pretrained(draft_dir)
     tail = history[-50:]
     log.update({"draft_minutes_this_run": (time.time() - started) / 60, "bf16_autocast": use_bf16,
+                "draft_schedule_segments": segments,
                 "draft_params_m": sum(p.numel() for p in model.parameters()) / 1e6,
                 "draft_size_bytes": (draft_dir / "model.safetensors").stat().st_size,
                 "draft_final_soft_ce": sum(s for s, _ in tail) / len(tail),

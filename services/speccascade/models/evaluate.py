@@ -234,7 +234,7 @@ def acceptance(engine, prompts: list[list[int]], gamma: int, new_tokens: int,
             "results": results}
 
 
-def evaluate(target_dir, draft_dir, *, tasks: int = 400, prompts: int = 48, threads: int = 1,
+def evaluate(target_dir, draft_dir, *, tasks: int = 300, prompts: int = 32, threads: int = 1,
              dtype: str = "float32", gamma: int = 4, temperature: float = 0.8,
              new_tokens: int = ACCEPTANCE_TOKENS) -> dict:
     """The card: step costs (batch 1 and 8), acceptance on held-out chat and code prompts (greedy,
