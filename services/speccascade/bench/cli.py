@@ -12,6 +12,9 @@ def add_bench_parser(subparsers) -> None:
     parser.add_argument("--out", default=None, help="folder for results.json and plots "
                         "(default: benchmarks/, or a temp folder with --quick)")
     parser.add_argument("--markdown", default=None, help="default: BENCHMARKS.md (full run)")
+    parser.add_argument("--sweep-repeats", type=int, default=None, help="interleaved repeats of "
+                        "each sweep cell (default 2; 1 halves the sweep, most of the run)")
+    parser.add_argument("--no-tcp", action="store_true", help="skip the second launch on tcp")
     parser.add_argument("--grpc-port", type=int, default=9123)
     parser.add_argument("--http-port", type=int, default=8123, help="Serve's HTTP proxy")
     parser.add_argument("--target", default=None, help="local checkpoint (default: the default pair)")
@@ -70,6 +73,10 @@ def _bench(args: argparse.Namespace) -> None:
 
     plan = replace(BenchPlan.quick() if args.quick else BenchPlan(), grpc_port=args.grpc_port,
                    http_port=args.http_port, target=args.target, draft=args.draft, dtype=args.dtype)
+    if args.sweep_repeats:
+        plan = replace(plan, sweep_repeats=args.sweep_repeats)
+    if args.no_tcp:
+        plan = replace(plan, tcp=False)
     scratch = Path(tempfile.mkdtemp(prefix="speccascade-bench-")) if args.quick else None
     out = Path(args.out) if args.out else (scratch or Path("benchmarks"))
     markdown = Path(args.markdown) if args.markdown else (out / "BENCHMARKS.md" if args.quick
