@@ -13,7 +13,8 @@ def add_bench_parser(subparsers) -> None:
                         "(default: benchmarks/, or a temp folder with --quick)")
     parser.add_argument("--markdown", default=None, help="default: BENCHMARKS.md (full run)")
     parser.add_argument("--sweep-repeats", type=int, default=None, help="interleaved repeats of "
-                        "each sweep cell (default 2; 1 halves the sweep, most of the run)")
+                        "each sweep cell in rotated order (default 1; 2 doubles the sweep, most of "
+                        "the run, for less noise)")
     parser.add_argument("--no-tcp", action="store_true", help="skip the second launch on tcp")
     parser.add_argument("--grpc-port", type=int, default=9123)
     parser.add_argument("--http-port", type=int, default=8123, help="Serve's HTTP proxy")
