@@ -62,7 +62,7 @@ models: install     ## distill the default draft from the target (about an hour,
 	$(BIN)/speccascade models build
 
 models-eval: install
-	$(BIN)/speccascade models eval --tasks 300 --out services/speccascade/assets/default_pair/card.json
+	$(BIN)/speccascade models eval --tasks 200 --out services/speccascade/assets/default_pair/card.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

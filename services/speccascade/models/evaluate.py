@@ -234,7 +234,7 @@ def acceptance(engine, prompts: list[list[int]], gamma: int, new_tokens: int,
             "results": results}
 
 
-def evaluate(target_dir, draft_dir, *, tasks: int = 300, prompts: int = 32, threads: int = 1,
+def evaluate(target_dir, draft_dir, *, tasks: int = 200, prompts: int = 32, threads: int = 1,
              dtype: str = "float32", gamma: int = 4, temperature: float = 0.8,
              new_tokens: int = ACCEPTANCE_TOKENS) -> dict:
     """The card: step costs (batch 1 and 8), acceptance on held-out chat and code prompts (greedy,
@@ -315,7 +315,11 @@ def evaluate(target_dir, draft_dir, *, tasks: int = 300, prompts: int = 32, thre
 
 def _shown(path) -> str:
     """The path relative to the working directory when inside it: a committed card names no machine."""
-    path = Path(path).resolve()
+    from speccascade.models.fetch import cache_dir
+
+    path, cache = Path(path).resolve(), cache_dir().resolve()
+    if path.is_relative_to(cache):
+        return f"$SPECCASCADE_CACHE/{path.relative_to(cache).as_posix()}"
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
