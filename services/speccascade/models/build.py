@@ -66,7 +66,7 @@ class BuildConfig:
     max_cost_ratio: float = 0.10     # c = draft step / target step (goal ≤ 0.12; margin for noise)
     max_draft_mb: float = 30.0
     candidates: tuple = CANDIDATE_SHAPES
-    steps: int = 300
+    steps: int = 475
     batch: int = 12
     lr: float = 3e-3
     warmup_steps: int = 20
