@@ -40,9 +40,13 @@ def convert(tokenizer, limits, **fields):
 
 # -- config ------------------------------------------------------------------------------------
 def test_config_defaults_are_the_embedded_pair_on_loopback():
+    from speccascade.models.fetch import target_dir
+    from speccascade.models.loader import DEFAULT_PAIR_DIR
+
     config = ServiceConfig()
     target, draft = config.model_paths()
-    assert target.name == "target" and draft.name == "draft"
+    # the target converted at install into the cache folder, the draft shipped in the assets
+    assert target == target_dir() and draft == DEFAULT_PAIR_DIR / "draft"
     assert config.host == "127.0.0.1" and config.is_loopback and config.grpc_port == 9000
     options = config.verifier.serve_options()
     assert options["num_replicas"] == 1 and options["ray_actor_options"]["num_gpus"] == 0

@@ -221,6 +221,9 @@ def speed_pass(client, plan, tasks, table: dict, desc: str) -> dict[str, dict]:
     return {name: summarize(r) for name, r in runs.items()}
 
 
+FRONTIER_CONTEXT = 1024  # tokens per in-process KV slot: a task's prompt and its line
+
+
 def _service_config(plan: FrontierPlan):
     from speccascade.serve.config import ServiceConfig
 
@@ -229,7 +232,8 @@ def _service_config(plan: FrontierPlan):
                                "target": {"path": plan.target, **model},
                                "draft": {"path": plan.draft, **model},
                                "default_num_draft_tokens": plan.gamma,
-                               "max_live_seqs": max(64, 2 * plan.streams)})
+                               # KV for the plan's streams, not 64 slots of the model context
+                               "max_live_seqs": max(16, 2 * plan.streams)})
 
 
 def sequential_runs(engine, plan, tasks) -> tuple[dict, dict]:
@@ -371,7 +375,11 @@ def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPla
         raise ValueError(f"quality_on must be 'engine' or 'service', got {plan.quality_on!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = dict(target_path=plan.target, draft_path=plan.draft) if plan.target and plan.draft else {}
-    engine = Engine.from_paths(**paths, dtype="float32") if paths else Engine.default(dtype="float32")
+    # KV slots sized to line completion (prompt + line), not the model context: 64 slots of 2048
+    # fp32 positions of the 135 M target alone are 6 GB.
+    kv = dict(max_live_seqs=8, max_seq_len=FRONTIER_CONTEXT)
+    engine = (Engine.from_paths(**paths, dtype="float32", **kv) if paths
+              else Engine.default(dtype="float32", **kv))
     tasks = quality_tasks(engine.tokenizer, plan.tasks)
     tables = {"greedy": configs(plan, False), "sampled": configs(plan, True)}
     speed_tables = {"greedy": speed_configs(plan, False), "sampled": speed_configs(plan, True)}
@@ -380,7 +388,8 @@ def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPla
     if plan.quality_on == "engine":
         # The replicas' dtype ("auto" as the service resolves it), every core, nothing else running.
         torch.set_num_threads(os.cpu_count() or 1)
-        kw = dict(dtype=plan.dtype or "auto", max_live_seqs=max(64, plan.chunk))
+        kw = dict(dtype=plan.dtype or "auto", max_live_seqs=max(8, plan.chunk),
+                  max_seq_len=FRONTIER_CONTEXT)
         batched = Engine.from_paths(**paths, **kw) if paths else Engine.default(**kw)
         started = time.perf_counter()
         for decoding, table in tables.items():

@@ -17,11 +17,15 @@ from speccascade.models.loader import default_pair_paths, load_pair
 
 
 class Engine:
-    def __init__(self, target_model, draft_model, tokenizer, *, max_live_seqs: int = 64):
+    def __init__(self, target_model, draft_model, tokenizer, *, max_live_seqs: int = 64,
+                 max_seq_len: int | None = None):
+        """`max_live_seqs` KV slots of `max_seq_len` tokens each (None: the runner's default)."""
         self.tokenizer = tokenizer
-        self.max_seq_len = target_model.config.max_position_embeddings
-        self.drafter = LocalDrafter(DraftWorker(draft_model, max_live_seqs=max_live_seqs))
-        self.verifier = LocalVerifier(VerifyWorker(target_model, max_live_seqs=max_live_seqs))
+        kv = dict(max_live_seqs=max_live_seqs, max_seq_len=max_seq_len)
+        self.drafter = LocalDrafter(DraftWorker(draft_model, **kv))
+        self.verifier = LocalVerifier(VerifyWorker(target_model, **kv))
+        self.max_seq_len = min(self.verifier.worker.runner.max_seq_len,
+                               self.drafter.worker.runner.max_seq_len)
         self.controller = SpeculationController()  # traffic priors shared by this engine's requests
 
     @classmethod
