@@ -159,7 +159,7 @@ def test_kv_affinity_one_replica_of_each(service):
         assert len(d) == 1 and len(v) == 1, replicas  # every call of a request hit one replica
         drafters.update(d)
         verifiers.update(v)
-    # ...and requests spread over both replicas of each (16 sessions on a 2-replica ring)
+    # ...and requests spread over both replicas of each (Serve routes sessions to the less loaded)
     assert len(drafters) == 2 and len(verifiers) == 2
     # Every finished request released its KV entries on every replica.
     stats = service.stats()
