@@ -232,8 +232,8 @@ def _service_config(plan: FrontierPlan):
                                "target": {"path": plan.target, **model},
                                "draft": {"path": plan.draft, **model},
                                "default_num_draft_tokens": plan.gamma,
-                               # KV for the plan's streams, not 64 slots of the model context
-                               "max_live_seqs": max(16, 2 * plan.streams)})
+                               # the service check's streams plus sequences still releasing
+                               "max_live_seqs": max(64, 2 * plan.streams)})
 
 
 def sequential_runs(engine, plan, tasks) -> tuple[dict, dict]:
