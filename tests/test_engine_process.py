@@ -39,11 +39,15 @@ def test_wire_round_trips_the_seam_types():
                  (got.draft_q.raw, q.raw)):
         assert a.dtype == b.dtype and torch.equal(a, b)
     # decoding validates like construction does: a bad field is a ParamError naming it
-    bad = wire.encode(wire.Call("draft", 1, "s", b"t", draft=DraftRequest(
-        "s", [1], 2, SamplingParams(), 1))).replace(b"\xcb", b"\xcb")  # same bytes: valid
-    assert wire.decode_call(bad).draft.num_draft_tokens == 2
-    with pytest.raises(ParamError):
-        SamplingParams(temperature=-1)
+    import msgspec
+
+    raw = msgspec.msgpack.decode(wire.encode(wire.Call("draft", 1, "s", b"t", draft=DraftRequest(
+        "s", [1], 2, SamplingParams(), 1))))
+    raw[4]["sampling"]["temperature"] = -1.0  # Call is array-like; field 4 is the DraftRequest
+    with pytest.raises(msgspec.ValidationError) as error:
+        wire.decode_call(msgspec.msgpack.encode(raw))
+    assert isinstance(error.value.__cause__, ParamError)
+    assert error.value.__cause__.field == "temperature"
     # a control reply is read without the model types
     reply = wire.decode_control_reply(wire.encode(wire.Reply(3, info={"pid": 1})))
     assert (reply.id, reply.info, reply.error) == (3, {"pid": 1}, None)
@@ -178,3 +182,26 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
     except FileNotFoundError:
         return False
+
+
+def test_a_call_with_an_invalid_field_is_answered_with_its_field(engine):
+    import msgspec
+
+    engine.start()
+    raw = msgspec.msgpack.decode(wire.encode(wire.Call(
+        "draft", 0, "a", wire.session_token(SECRET, "a"), draft=_draft("a"))))
+    raw[4]["sampling"]["top_p"] = 2.0
+
+    async def main():
+        client = EngineClient(engine.addresses["ipc"])
+        try:
+            future = asyncio.get_running_loop().create_future()
+            client._waiting[0] = future  # the id the hand-made frame carries
+            client._reader = asyncio.get_running_loop().create_task(client._read())
+            await client._socket.send(msgspec.msgpack.encode(raw))
+            return await asyncio.wait_for(future, 30)
+        finally:
+            client.close()
+
+    reply = asyncio.run(main())
+    assert (reply.error, reply.field) == ("ParamError", "top_p")

@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 
+import msgspec
 import zmq
 
 from speccascade.serve import wire
@@ -105,8 +106,12 @@ class EngineCore:
             received = time.perf_counter()
             try:
                 call = wire.decode_call(frame)
-            except Exception as error:  # noqa: BLE001 - garbage on the socket; no id to answer
-                logger.warning("%s engine: undecodable message dropped (%s)", self.role, error)
+            except Exception as error:  # noqa: BLE001 - answered when it names a call id
+                call_id = _call_id(frame)
+                if call_id is None:  # garbage on the socket: nobody to answer
+                    logger.warning("%s engine: undecodable message dropped (%s)", self.role, error)
+                else:  # a field that fails validation (msgspec keeps the ParamError as cause)
+                    self._reply(identity, _error_reply(call_id, error.__cause__ or error))
                 continue
             if not self._authorized(call):
                 self._reply(identity, wire.Reply(call.id, error="PermissionError",
@@ -183,6 +188,14 @@ class EngineCore:
 def _error_reply(call_id: int, error: BaseException) -> wire.Reply:
     return wire.Reply(call_id, error=type(error).__name__, message=str(error)[:2000],
                       field=getattr(error, "field", None))
+
+
+def _call_id(frame) -> int | None:
+    try:
+        call_id = msgspec.msgpack.decode(frame)[1]  # Call is array-like: [kind, id, ...]
+    except Exception:  # noqa: BLE001
+        return None
+    return call_id if isinstance(call_id, int) else None
 
 
 def _die_with_parent(parent_pid: int) -> None:
