@@ -1,7 +1,8 @@
 """`speccascade models build --quick` end to end (a handful of prompts and steps, on the real
 default target, skipped only before the install step): every stage runs, a killed or repeated
-build reuses finished work, a redone draft stage is deterministic, the draft is an ordinary HF
-checkpoint sharing the target's tokenizer."""
+build reuses finished work, a redone draft stage is deterministic, the draft loads through the
+service's loader (the target's embedding attached, its head cut to the chosen tokens) and shares
+the target's tokenizer."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from speccascade.models import fetch
 
@@ -24,8 +24,11 @@ def build(out, *extra):
 
 
 def test_quick_build_all_stages_then_resume_and_redo_the_draft(tmp_path):
-    from speccascade.models.build import quick_config
-    from speccascade.models.loader import check_pair
+    from safetensors import safe_open
+
+    from speccascade.models.build import HEAD_SIZES, quick_config
+    from speccascade.models.loader import check_pair, load_model
+    from speccascade.models.vocab_head import ReducedVocabHead
 
     build(tmp_path)
     log = json.loads((tmp_path / "build_log.json").read_text())
@@ -34,9 +37,24 @@ def test_quick_build_all_stages_then_resume_and_redo_the_draft(tmp_path):
     assert 0 < log["train_generated_tokens"] <= cfg.prompts * cfg.max_new_tokens
     chosen = log["shape"]["chosen"]
     assert chosen in log["shape"]["candidates"]
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "draft", local_files_only=True)
-    assert next(model.parameters()).dtype == torch.bfloat16  # saved as committed
-    assert model.config.hidden_size == chosen["shape"]["hidden_size"]
+    assert [r["layers"] for r in log["shape"]["candidates"]] == list(cfg.depths)
+    head = log["head"]["chosen"]
+    assert head in log["head"]["rows"] and head["head_size"] in HEAD_SIZES
+    files = (tmp_path / "draft" / "model.safetensors")
+    with safe_open(str(files), "pt") as f:  # the layers alone: the embedding is the target's
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+        assert "model.embed_tokens.weight" not in f.keys()
+    model = load_model(tmp_path / "draft", "float32")
+    assert model.config.num_hidden_layers == chosen["layers"]
+    assert isinstance(model.lm_head, ReducedVocabHead)
+    assert len(model.lm_head.token_ids) == head["head_size"]
+    target = load_model(fetch.target_dir(), "float32")
+    assert torch.equal(model.get_input_embeddings().weight, target.get_input_embeddings().weight)
+    # q is exactly zero outside the head: the draft never proposes those tokens.
+    q = model(torch.tensor([[1, 2, 3]])).logits[0, -1].softmax(-1)
+    outside = torch.ones_like(q, dtype=torch.bool)
+    outside[model.lm_head.token_ids] = False
+    assert q[outside].max() == 0 and abs(q.sum().item() - 1) < 1e-5
     check_pair(fetch.target_dir(), tmp_path / "draft")  # same tokenizer and vocabulary
     work = tmp_path / "work"
     shards = {p.name: p.stat().st_mtime_ns for p in work.glob("shard_*.pt")}

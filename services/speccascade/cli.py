@@ -23,10 +23,21 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--min-p", type=float, default=0.0,
+                        help="target/speculative: min-p truncation of the target, keep tokens with "
+                        "p >= MIN_P * max p (verified losslessly); in [0, 1), 0 = off; sampled only")
+    parser.add_argument("--eta", type=float, default=0.0,
+                        help="target/speculative: eta-sampling of the target (Hewitt et al. 2022), "
+                        "keep p >= min(eta, sqrt(eta) * exp(-entropy)); in [0, 1), 0 = off")
+    parser.add_argument("--lenience", type=float, default=None,
+                        help="speculative only: lossy speculative decoding, accept a draft with "
+                        "min(1, p / (LENIENCE * q)); in (0, 1], default 1 = lossless; sampled only. "
+                        "Compare with cascades: README 'Choosing α'")
     parser.add_argument("--rule", choices=RULES, default="chow", help="cascade deferral rule")
     parser.add_argument("--alpha", type=float, default=None,
-                        help="cascade lenience α, deferral_threshold (default: the rule's SD end); "
-                        "README 'Choosing α' lists per rule the α that keeps quality within 1 %% of TARGET")
+                        help="cascade deferral threshold α, deferral_threshold (default: the rule's "
+                        "SD end); README 'Choosing α' lists per rule the α that keeps quality "
+                        "within 1 %% of TARGET")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--pipeline", choices=PIPELINE, default="auto",
                         help="draft block k+1 while block k is verified: auto = when the running "
@@ -51,7 +62,9 @@ def _generate(args) -> None:
             args.prompt, mode=Mode[args.mode.upper()], max_new_tokens=args.max_new_tokens,
             num_draft_tokens=args.num_draft_tokens or None,
             sampling=SamplingParams(args.temperature, args.top_k, args.top_p,
-                                    random.getrandbits(63) if args.seed is None else args.seed),
+                                    random.getrandbits(63) if args.seed is None else args.seed,
+                                    min_p=args.min_p, eta=args.eta,
+                                    lenience=1.0 if args.lenience is None else args.lenience),
             cascade=cascade if args.mode == "cascade" else None, stop=tuple(args.stop),
             pipelined=PIPELINE[args.pipeline])
     except ValueError as error:  # bad request options: say which, without a traceback
@@ -98,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = models_sub.add_parser("build", help="distill the default draft from the target (≈1 h, 1 thread)")
     build.add_argument("--out", default=str(default_pair_paths()[1].parent))
     build.add_argument("--quick", action="store_true")
-    build.add_argument("--from-stage", default=None, choices=("generate", "shape", "draft"),
+    build.add_argument("--from-stage", default=None, choices=("generate", "rank", "shape", "draft", "head"),
                        help="redo this stage and the later ones (default: resume unfinished work)")
     build.set_defaults(func=_models_build)
     evaluate = models_sub.add_parser("eval", help="losses, line completion, acceptance, step costs")

@@ -9,18 +9,21 @@ target's distribution at every generated position (its top-K log-probabilities a
 recorded while generating, so the teacher costs nothing more). Half the prompts are answered
 greedily and half sampled at T 0.8, the two ways the service decodes.
 
-The draft is a small Llama with the target's tokenizer (vocabulary 49 152, tied embeddings). Its
-shape is picked by measurement (stage `shape`): the largest candidate whose one-token step, timed
-through the runner at one thread, is at most `max_cost_ratio` of the target's and whose bf16
-weights fit `max_draft_mb`. Its embedding starts as the target's projected on its first principal
-directions, so it starts with the target's token geometry instead of noise.
+The draft is the target cut short: its first few decoder layers (copied, then trained), its final
+norm, its embedding and a reduced-vocabulary head (FR-Spec: the target's head rows of the most
+frequent tokens, models.vocab_head). Starting from the target's own layers and token geometry, a
+few hundred steps on a CPU reach what a from-scratch draft does not in hours. The embedding and the
+head rows stay frozen, so the shipped draft holds only its layers: its config names the target's
+embedding, read at load (models.loader).
 
-Stages, each resumable (a killed run redoes only unfinished work): `generate` (shards of the
-target's outputs in the work folder) → `shape` → `draft` (checkpoints every `checkpoint_every`
-steps; a restart continues from the last). Seeds are fixed: the same machine and thread count
-give the same draft. The work folder is outside git (`$SPECCASCADE_CACHE/build`); the draft is
-written as bf16 safetensors with a copy of the tokenizer to `OUT/draft`, the record to
-`OUT/build_log.json`.
+Stages, each resumable (a killed run redoes only unfinished work), all in the work folder:
+`generate` (shards of the target's outputs) → `rank` (the tokens by frequency in them) → `shape`
+(the depth: the deepest whose step, timed at one thread, is ≤ max_cost_ratio of the target's) →
+`draft` (checkpoints every `checkpoint_every` steps; a restart continues from the last) → `head`
+(the head size that maximises the expected speedup, from measured agreement and cost). Seeds are
+fixed: the same machine and thread count give the same draft. The work folder is outside git
+(`$SPECCASCADE_CACHE/build`); the draft is written as bf16 safetensors with the ranking and a copy
+of the tokenizer to `OUT/draft`, the record to `OUT/build_log.json`.
 """
 from __future__ import annotations
 
@@ -35,40 +38,30 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from speccascade.models.loader import DEFAULT_PAIR_DIR
-from speccascade.models.runner import DEFAULT_MAX_SEQ_LEN
 
-
-@dataclass(frozen=True)
-class Shape:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-
-
-CANDIDATE_SHAPES = (Shape(192, 512, 4, 3, 1), Shape(192, 512, 6, 3, 1), Shape(256, 704, 4, 4, 2),
-                    Shape(256, 704, 6, 4, 2))
+HEAD_SIZES = (2048, 4096, 8192, 16384)  # FR-Spec head sizes measured (prefixes of the ranking)
 
 
 @dataclass(frozen=True)
 class BuildConfig:
     seed: int = 0
     threads: int = 1
-    prompts: int = 896               # training prompts answered by the target (≈ 3.5 min / 128)
+    prompts: int = 1024              # training prompts answered by the target (≈ 2.5 min / 128)
     shard_prompts: int = 128         # prompts per saved shard (the unit of resumption)
     gen_batch: int = 32              # sequences decoded together
     max_prompt_tokens: int = 256
     max_new_tokens: int = 128
     top_k: int = 32                  # teacher log-probabilities kept per generated position
     sample_temperature: float = 0.8  # odd prompts are sampled at this temperature, even ones greedy
-    context: int = DEFAULT_MAX_SEQ_LEN  # the draft's max_position_embeddings
     max_cost_ratio: float = 0.10     # c = draft step / target step (goal ≤ 0.12; margin for noise)
-    max_draft_mb: float = 30.0
-    candidates: tuple = CANDIDATE_SHAPES
-    steps: int = 475
+    depths: tuple = (1, 2, 3, 4)     # candidate numbers of the target's layers kept
+    default_head_size: int = 8192    # the head timed when choosing the depth
+    train_head_size: int = 16384     # the head trained on (the served one is a prefix of it)
+    head_eval_prompts: int = 16      # held-out prompts per kind for the head stage
+    head_eval_tokens: int = 64
+    steps: int = 600
     batch: int = 12
-    lr: float = 3e-3
+    lr: float = 1e-3
     warmup_steps: int = 20
     hard_weight: float = 0.1         # cross-entropy on the target's chosen token, beside the soft KL
     checkpoint_every: int = 25
@@ -77,8 +70,8 @@ class BuildConfig:
 def quick_config() -> BuildConfig:
     """A smoke build in a few minutes (tests): a handful of prompts and steps."""
     return replace(BuildConfig(), prompts=8, shard_prompts=4, gen_batch=4, max_new_tokens=8,
-                   steps=4, batch=2, checkpoint_every=2, warmup_steps=1,
-                   candidates=(Shape(64, 128, 1, 1, 1), Shape(64, 128, 2, 1, 1)))
+                   steps=4, batch=2, checkpoint_every=2, warmup_steps=1, depths=(1, 2),
+                   head_eval_prompts=2, head_eval_tokens=4)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -197,28 +190,52 @@ def load_shards(work: Path) -> list[dict]:
     return [r for path in sorted(work.glob("shard_*.pt")) for r in torch.load(path)]
 
 
-# -- stage 2: the draft's shape, by measurement ----------------------------------------------
+# -- stage 2: the head's vocabulary, frequency-ranked ----------------------------------------
 
-def make_draft(shape: Shape, target_config, max_positions: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def stage_rank(work: Path, records: list[dict], tok, log: dict) -> list[int]:
+    """Every token, most frequent in the target's outputs (and their prompts) first: FR-Spec's
+    ranking, from training shards only. End-of-turn/text tokens lead, so any head can stop."""
+    from speccascade.models.vocab_head import frequency_ranking
 
-    config = LlamaConfig(
-        vocab_size=target_config.vocab_size, hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads, head_dim=64 if shape.hidden_size >= 192
-        else shape.hidden_size // shape.num_attention_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=True,
-        rms_norm_eps=target_config.rms_norm_eps, rope_parameters=target_config.rope_parameters,
-        bos_token_id=target_config.bos_token_id, eos_token_id=target_config.eos_token_id,
-        pad_token_id=target_config.pad_token_id,
-    )
-    return LlamaForCausalLM(config)
+    path = work / "ranking.json"
+    if not path.exists():
+        always = tuple(sorted({t for t in (tok.eos_token_id, tok.pad_token_id,
+                                           tok.convert_tokens_to_ids("<|im_end|>")) if t is not None}))
+        seqs = [r["output"] + r["prompt"] for r in records]
+        path.write_text(json.dumps(frequency_ranking(seqs, len(tok), always)))
+    ranking = json.loads(path.read_text())
+    outputs = torch.cat([torch.tensor(r["output"]) for r in records])
+    position = torch.full((len(ranking),), len(ranking))
+    position[torch.tensor(ranking)] = torch.arange(len(ranking))
+    rank_of_output = position[outputs]
+    log["ranking_output_coverage"] = {str(n): (rank_of_output < n).float().mean().item()
+                                      for n in HEAD_SIZES}
+    return ranking
 
 
-def stage_shape(cfg: BuildConfig, work: Path, log: dict) -> Shape:
-    """Time each candidate's one-token step (runner, one thread, 128-token context, median of 5
-    interleaved rounds) against the target's, in the dtype `auto` would serve them in."""
+# -- stage 3: the draft's depth, by measurement ----------------------------------------------
+
+def make_draft(target, layers: int, head_ids: list[int] | None = None):
+    """The target cut to its first `layers` decoder layers (copies), with its final norm, its
+    embedding and, when head_ids is given, its head cut to those rows (models.vocab_head)."""
+    import copy
+
+    from speccascade.models.vocab_head import reduce_head
+
+    draft = copy.deepcopy(target)
+    draft.model.layers = torch.nn.ModuleList(draft.model.layers[:layers])
+    draft.config.num_hidden_layers = layers
+    if getattr(draft.config, "layer_types", None):
+        draft.config.layer_types = draft.config.layer_types[:layers]
+    if head_ids is not None:
+        reduce_head(draft, head_ids)
+    return draft
+
+
+def stage_shape(cfg: BuildConfig, work: Path, ranking: list[int], log: dict) -> int:
+    """Time the target's one-token step and each candidate depth's (with the default head size
+    cut) through the runner at one thread, in the dtype `auto` would serve them in, interleaved
+    (median of 5 rounds); pick the deepest draft whose c ≤ max_cost_ratio."""
     import statistics
 
     from speccascade.models.evaluate import step_ms
@@ -226,47 +243,30 @@ def stage_shape(cfg: BuildConfig, work: Path, log: dict) -> Shape:
     from speccascade.models.loader import load_model
 
     path = work / "shape.json"
-    if path.exists():
-        record = json.loads(path.read_text())
-    else:
-        target = load_model(ensure_target(), "float32")
+    if not path.exists():
         dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-        target = target.to(dtype)
-        torch.manual_seed(cfg.seed)
-        drafts = [make_draft(s, target.config, 2048).to(dtype).eval() for s in cfg.candidates]
-        samples = {"target": [], **{str(i): [] for i in range(len(drafts))}}
+        target = load_model(ensure_target(), "float32").to(dtype)
+        drafts = {k: make_draft(target, k, ranking[:cfg.default_head_size]) for k in cfg.depths}
+        samples: dict = {"target": [], **{k: [] for k in drafts}}
         for _ in tqdm(range(5), desc="shape: step costs", unit="round"):
             samples["target"].append(step_ms(target, repeats=10))
-            for i, d in enumerate(drafts):
-                samples[str(i)].append(step_ms(d, repeats=10))
+            for k, d in drafts.items():
+                samples[k].append(step_ms(d, repeats=10))
         target_ms = statistics.median(samples["target"])
-        rows = []
-        for i, (shape, d) in enumerate(zip(cfg.candidates, drafts)):
-            ms = statistics.median(samples[str(i)])
-            params = sum(p.numel() for p in d.parameters())
-            rows.append({"shape": asdict(shape), "step_ms": ms, "c": ms / target_ms,
-                         "params_m": params / 1e6, "bf16_mb": params * 2 / 1e6})
-        fits = [r for r in rows if r["c"] <= cfg.max_cost_ratio and r["bf16_mb"] <= cfg.max_draft_mb]
-        chosen = max(fits or rows[:1], key=lambda r: r["params_m"])
-        record = {"dtype": str(dtype), "target_step_ms": target_ms, "candidates": rows,
-                  "chosen": chosen}
-        path.write_text(json.dumps(record, indent=1))
+        rows = [{"layers": k, "head_size": cfg.default_head_size,
+                 "step_ms": statistics.median(samples[k]),
+                 "c": statistics.median(samples[k]) / target_ms} for k in drafts]
+        fits = [r for r in rows if r["c"] <= cfg.max_cost_ratio]
+        chosen = max(fits or rows[:1], key=lambda r: r["layers"])
+        path.write_text(json.dumps({"dtype": str(dtype), "target_step_ms": target_ms,
+                                    "candidates": rows, "chosen": chosen}, indent=1))
+    record = json.loads(path.read_text())
     log["shape"] = record
-    print(f"draft shape: {record['chosen']}")
-    return Shape(**record["chosen"]["shape"])
+    print(f"draft depth: {record['chosen']}")
+    return record["chosen"]["layers"]
 
 
-# -- stage 3: the draft, distilled -----------------------------------------------------------
-
-def pca_embedding(target_embedding: torch.Tensor, dim: int) -> torch.Tensor:
-    """The target's token embeddings on their first `dim` principal directions, scaled to the
-    target embedding's per-coordinate spread. # [vocab, dim]"""
-    e = target_embedding.float()
-    centred = e - e.mean(0)
-    _, _, v = torch.linalg.svd(centred, full_matrices=False)  # v: [hidden, hidden]
-    projected = centred @ v[:dim].T
-    return projected * (e.std() / projected.std())
-
+# -- stage 4: the draft, distilled -----------------------------------------------------------
 
 def _batches(records: list[dict], cfg: BuildConfig, steps: int, start: int):
     """Step s's batch: a seeded permutation per epoch, so a resumed run sees the same batches."""
@@ -278,9 +278,13 @@ def _batches(records: list[dict], cfg: BuildConfig, steps: int, start: int):
         yield step, [records[i] for i in order[at * cfg.batch: (at + 1) * cfg.batch]]
 
 
-def distill_loss(model, batch: list[dict], cfg: BuildConfig, pad_id: int):
-    """Soft cross-entropy against the teacher's top-K (renormalized) plus hard_weight × CE on the
-    token the teacher emitted, on generated positions only (the head runs on those alone)."""
+def distill_loss(model, head: torch.Tensor, slot: torch.Tensor, batch: list[dict],
+                 cfg: BuildConfig, pad_id: int):
+    """Soft cross-entropy against the teacher's top-K, plus hard_weight × CE on the token the
+    teacher emitted, on generated positions only, over the training head's N tokens.
+
+    head: [N, d] rows of the target's head; slot: [V] a token's row in it, or −1. Teacher tokens
+    outside the head cannot be proposed: their mass is dropped and the rest renormalized."""
     seqs = [r["prompt"] + r["output"] for r in batch]
     width = max(map(len, seqs)) - 1
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -290,12 +294,13 @@ def distill_loss(model, batch: list[dict], cfg: BuildConfig, pad_id: int):
     # Position t predicts token t + 1: the output's j-th token is predicted at len(prompt) - 1 + j.
     rows = torch.cat([torch.full((len(r["output"]),), b) for b, r in enumerate(batch)])
     cols = torch.cat([torch.arange(len(r["output"])) + len(r["prompt"]) - 1 for r in batch])
-    logq = model.lm_head(hidden[rows, cols]).float().log_softmax(-1)  # [N, vocab]
-    topk_ids = torch.cat([r["topk_ids"] for r in batch]).long()  # [N, K]
-    p = torch.cat([r["topk_logprobs"].float() for r in batch]).softmax(-1)  # renormalized top-K
-    soft = -(p * logq.gather(1, topk_ids)).sum(-1).mean()
-    chosen = torch.cat([torch.tensor(r["output"]) for r in batch])
-    hard = F.nll_loss(logq, chosen)
+    logq = (hidden[rows, cols] @ head.T).float().log_softmax(-1)  # [P, N]
+    topk = slot[torch.cat([r["topk_ids"] for r in batch]).long()]  # [P, K], −1 outside the head
+    p = torch.cat([r["topk_logprobs"].float() for r in batch]).exp() * (topk >= 0)  # [P, K]
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-9)
+    soft = -(p * logq.gather(1, topk.clamp_min(0))).sum(-1).mean()
+    chosen = slot[torch.cat([torch.tensor(r["output"]) for r in batch])]  # [P]
+    hard = F.nll_loss(logq[chosen >= 0], chosen[chosen >= 0])
     return soft + cfg.hard_weight * hard, soft.item(), hard.item()
 
 
@@ -308,35 +313,32 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def stage_draft(cfg: BuildConfig, work: Path, shape: Shape, out: Path, log: dict) -> None:
+def stage_draft(cfg: BuildConfig, work: Path, layers: int, ranking: list[int], log: dict):
+    """Train the cut target's layers and final norm; the embedding and the head rows stay the
+    target's (frozen), so the draft ships without them. Returns the trained model (float32)."""
     from speccascade.models.fetch import ensure_target
-    from speccascade.models.loader import load_tokenizer
+    from speccascade.models.loader import load_model, load_tokenizer
 
     records = load_shards(work)
     if not records:
         raise RuntimeError(f"no generated shards in {work}: run the generate stage")
     target_path = ensure_target()
-    from transformers import AutoConfig
-    from safetensors.torch import load_file
-
-    tconfig = AutoConfig.from_pretrained(target_path, local_files_only=True)
     tok = load_tokenizer(target_path)
     torch.manual_seed(cfg.seed + 1)
-    # The context the draft declares: the service's context is the smaller of the two models'
-    # (the target declares 8192; a slot of that many tokens per live sequence is far more KV than
-    # a replica should preallocate by default, see models.runner.DEFAULT_MAX_SEQ_LEN).
-    model = make_draft(shape, tconfig, min(cfg.context, tconfig.max_position_embeddings))
-    embedding = load_file(str(target_path / "model.safetensors"))["model.embed_tokens.weight"]
-    with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(pca_embedding(embedding, shape.hidden_size))
-    model.tie_weights()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    model = make_draft(load_model(target_path, "float32"), layers)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    train_ids = torch.tensor(ranking[:cfg.train_head_size])
+    head = model.model.embed_tokens.weight[train_ids].detach()  # [N, d], tied head rows
+    slot = torch.full((len(ranking),), -1, dtype=torch.long)
+    slot[train_ids] = torch.arange(len(train_ids))
+    params = [p for p in model.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     ckpt = work / "draft_checkpoint.pt"
     start, history, segments = 0, [], [[0, cfg.steps]]
     if ckpt.exists():
         state = torch.load(ckpt)
-        if state["shape"] == asdict(shape) and state["step"] <= cfg.steps:
-            model.load_state_dict(state["model"])
+        if state["layers"] == layers and state["step"] <= cfg.steps:
+            model.model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             start, history = state["step"], state["history"]
             # A schedule changed mid-run (steps) continues on the new cosine from this step: the
@@ -354,10 +356,10 @@ def stage_draft(cfg: BuildConfig, work: Path, shape: Shape, out: Path, log: dict
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            loss, soft, hard = distill_loss(model, batch, cfg, tok.pad_token_id)
+            loss, soft, hard = distill_loss(model, head, slot, batch, cfg, tok.pad_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         history.append((soft, hard))
         if step % 10 == 0:
@@ -365,26 +367,126 @@ def stage_draft(cfg: BuildConfig, work: Path, shape: Shape, out: Path, log: dict
             bar.set_postfix(soft=f"{sum(s for s, _ in recent) / len(recent):.3f}",
                             hard=f"{sum(h for _, h in recent) / len(recent):.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                        "history": history, "shape": asdict(shape), "steps": cfg.steps,
-                        "segments": segments},
+            torch.save({"model": model.model.state_dict(), "opt": opt.state_dict(),
+                        "step": step + 1, "history": history, "layers": layers,
+                        "steps": cfg.steps, "segments": segments},
                        work / "draft_checkpoint.pt.partial")
             (work / "draft_checkpoint.pt.partial").rename(ckpt)
     model.eval()
-    draft_dir = out / "draft"
-    model.to(torch.bfloat16).save_pretrained(draft_dir)
-    tok.save_pretrained(draft_dir)
     tail = history[-50:]
     log.update({"draft_minutes_this_run": (time.time() - started) / 60, "bf16_autocast": use_bf16,
-                "draft_schedule_segments": segments,
-                "draft_params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-                "draft_size_bytes": (draft_dir / "model.safetensors").stat().st_size,
+                "draft_schedule_segments": segments, "draft_layers": layers,
+                "train_head_size": cfg.train_head_size,
                 "draft_final_soft_ce": sum(s for s, _ in tail) / len(tail),
                 "draft_final_hard_ce": sum(h for _, h in tail) / len(tail),
                 "draft_soft_ce_first_50": sum(s for s, _ in history[:50]) / min(50, len(history))})
+    return model, tok
 
 
-STAGES = ("generate", "shape", "draft")
+# -- stage 5: the head's size, by measurement; the draft written ------------------------------
+
+@torch.inference_mode()
+def stage_head(cfg: BuildConfig, work: Path, model, ranking: list[int], log: dict) -> int:
+    """FR-Spec's trade, measured: for each head size N, the draft's step cost c(N) (one thread,
+    interleaved with the target's) and its greedy agreement a(N) with the target on held-out
+    prompts' outputs by the target (teacher-forced); pick the N that maximises SD's expected
+    speedup at γ = 4, (1 − a^(γ+1)) / ((1 − a)(γ·c + 1)) (REFERENCE.md §2)."""
+    import statistics
+
+    from speccascade.models.evaluate import held_out_prompts, step_ms
+    from speccascade.models.fetch import ensure_target
+    from speccascade.models.loader import load_model, load_tokenizer
+    from speccascade.models.vocab_head import reduce_head
+
+    path = work / "head.json"
+    if path.exists():
+        record = json.loads(path.read_text())
+        log["head"] = record
+        return record["chosen"]["head_size"]
+    target_path = ensure_target()
+    tok = load_tokenizer(target_path)
+    target = load_model(target_path, "float32")
+    # The target's greedy continuations of held-out prompts (chat and code), teacher-forced.
+    sequences = []
+    for kind in ("chat", "code"):
+        for prompt in held_out_prompts(tok, kind, cfg.head_eval_prompts):
+            x = torch.tensor([prompt])
+            out = target.generate(x, max_new_tokens=cfg.head_eval_tokens, do_sample=False,
+                                  pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+            sequences.append((prompt, out))
+    p_argmax = [target(torch.tensor([pr + o[:-1]])).logits[0, len(pr) - 1:].argmax(-1)
+                for pr, o in sequences if o]
+    dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    rows, gamma = [], 4
+    timing = {"target": []}
+    heads = {}
+    for n in HEAD_SIZES:
+        draft = make_draft(model, len(model.model.layers))
+        reduce_head(draft, ranking[:n])
+        heads[n] = draft
+        same = total = 0
+        for (pr, o), want in zip([s for s in sequences if s[1]], p_argmax):
+            got = draft(torch.tensor([pr + o[:-1]])).logits[0, len(pr) - 1:].argmax(-1)
+            same += (got == want).sum().item()
+            total += len(want)
+        rows.append({"head_size": n, "greedy_agreement": same / total})
+        timing[n] = []
+    timed = {n: d.to(dtype) for n, d in heads.items()}
+    target = target.to(dtype)
+    for _ in tqdm(range(5), desc="head: step costs", unit="round"):
+        timing["target"].append(step_ms(target, repeats=10))
+        for n, d in timed.items():
+            timing[n].append(step_ms(d, repeats=10))
+    target_ms = statistics.median(timing["target"])
+    for row in rows:
+        a, c = row["greedy_agreement"], statistics.median(timing[row["head_size"]]) / target_ms
+        row.update(c=c, expected_speedup_gamma4=(1 - a ** (gamma + 1)) / ((1 - a) * (gamma * c + 1)))
+    chosen = max(rows, key=lambda r: r["expected_speedup_gamma4"])
+    record = {"dtype": str(dtype), "target_step_ms": target_ms, "eval_positions": total,
+              "rows": rows, "chosen": chosen}
+    path.write_text(json.dumps(record, indent=1))
+    log["head"] = record
+    return chosen["head_size"]
+
+
+def save_draft(model, tok, ranking: list[int], head_size: int, out: Path) -> None:
+    """The draft as shipped: bf16 safetensors of its layers and final norm (no embedding: its
+    config's `shared_embedding` names the target's, checked by SHA-256 at load), the full ranking
+    (head_token_ids.json; config `draft_head_size` picks its prefix) and the tokenizer."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from speccascade.models.fetch import TARGET_NAME
+    from speccascade.models.vocab_head import HEAD_IDS_FILE
+
+    draft_dir = out / "draft"
+    tmp = out / "draft.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    embedding = model.model.embed_tokens.weight.detach()
+    state = {name: t.detach().to(torch.bfloat16).contiguous()
+             for name, t in model.state_dict().items()
+             if name not in ("model.embed_tokens.weight", "lm_head.weight")}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    config.shared_embedding = {
+        "checkpoint": TARGET_NAME, "tensor": "model.embed_tokens.weight",
+        "sha256": hashlib.sha256(embedding.float().numpy().tobytes()).hexdigest()}
+    config.draft_head_size = head_size
+    config.tie_word_embeddings = True
+    config.dtype = "bfloat16"
+    config.save_pretrained(tmp)
+    (tmp / HEAD_IDS_FILE).write_text(json.dumps(ranking))
+    tok.save_pretrained(tmp)
+    shutil.rmtree(draft_dir, ignore_errors=True)
+    tmp.rename(draft_dir)
+
+
+STAGES = ("generate", "rank", "shape", "draft", "head")
+STAGE_FILES = {"rank": ("ranking.json",), "shape": ("shape.json",),
+               "draft": ("draft_checkpoint.pt",), "head": ("head.json",)}
 # A shard holds prompts [i, i + shard_prompts) of one fixed order: more prompts add shards.
 GENERATION_FIELDS = ("seed", "shard_prompts", "max_prompt_tokens", "max_new_tokens",
                      "top_k", "sample_temperature")
@@ -407,14 +509,10 @@ def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
     if recorded.exists() and json.loads(recorded.read_text()) != json.loads(json.dumps(generation)):
         print("generation settings changed: the target's outputs are generated afresh")
         from_stage = "generate"
-    redo = STAGES[STAGES.index(from_stage):] if from_stage else ()
-    if "generate" in redo:
-        for path in work.glob("shard_*"):
-            path.unlink()
-    if "shape" in redo:
-        (work / "shape.json").unlink(missing_ok=True)
-    if "draft" in redo:
-        (work / "draft_checkpoint.pt").unlink(missing_ok=True)
+    for stage in STAGES[STAGES.index(from_stage):] if from_stage else ():
+        for path in (work.glob("shard_*") if stage == "generate"
+                     else (work / name for name in STAGE_FILES[stage])):
+            path.unlink(missing_ok=True)
     recorded.write_text(json.dumps(generation, indent=1))
     started = time.time()
     log: dict = {"config": asdict(cfg), "work_dir": "$SPECCASCADE_CACHE/build",
@@ -425,8 +523,16 @@ def build(out_dir: Path = DEFAULT_PAIR_DIR, cfg: BuildConfig = BuildConfig(),
     log["train_generated_tokens"] = sum(len(r["output"]) for r in records)
     log["train_prompt_kinds"] = {k: sum(r["kind"] == k for r in records)
                                  for k in ("chat", "code", "prose")}
-    shape = stage_shape(cfg, work, log)
-    stage_draft(cfg, work, shape, out_dir, log)
+    from speccascade.models.fetch import ensure_target
+    from speccascade.models.loader import load_tokenizer
+
+    ranking = stage_rank(work, records, load_tokenizer(ensure_target()), log)
+    layers = stage_shape(cfg, work, ranking, log)
+    model, tok = stage_draft(cfg, work, layers, ranking, log)
+    head_size = stage_head(cfg, work, model, ranking, log)
+    save_draft(model, tok, ranking, head_size, out_dir)
+    log["draft_params_m"] = sum(p.numel() for p in model.model.layers.parameters()) / 1e6
+    log["draft_size_bytes"] = (out_dir / "draft" / "model.safetensors").stat().st_size
     log["minutes_this_run"] = (time.time() - started) / 60
     (out_dir / "build_log.json").write_text(json.dumps(log, indent=1) + "\n")
     print(f"built {out_dir / 'draft'} in {(time.time() - started) / 60:.1f} min")

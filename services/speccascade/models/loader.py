@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from speccascade.models.vocab_head import head_token_ids, reduce_head
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -76,8 +78,25 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
     if dtype not in (*DTYPES, "auto"):
         raise ValueError(f"dtype must be one of {sorted(DTYPES) + ['auto']}, got {dtype!r}")
     load = "float32" if dtype == "auto" else dtype
-    model = AutoModelForCausalLM.from_pretrained(_local_dir(path), local_files_only=True,
-                                                 dtype=DTYPES[load]).to(device).eval()
+    path = _local_dir(path)
+    import json
+
+    from transformers.utils import logging as hf_logging
+
+    shares = "shared_embedding" in json.loads((path / "config.json").read_text())
+    verbosity = hf_logging.get_verbosity()
+    if shares:  # its embedding is missing from the file by design: attached below, checked
+        hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                     dtype=DTYPES[load])
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    attach_shared_embedding(model, path)
+    kept = head_token_ids(path)
+    if kept is not None:
+        reduce_head(model, kept)
+    model = model.to(device).eval()
     model.dtype_choice = dtype
     if dtype == "auto":
         native = native_bf16(device)
@@ -94,6 +113,36 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
                                   f"{native}; bf16 {bf16_ms:.2f} ms vs fp32 {fp32_ms:.2f} ms)")
         log.warning("%s: dtype %s", path, model.dtype_choice)
     return model
+
+
+def attach_shared_embedding(model, path: Path) -> None:
+    """A draft may ship without its input embedding (the default draft: its config's
+    `shared_embedding` names the checkpoint in the cache folder whose embedding it reads, as EAGLE
+    and Medusa heads do); copy that tensor in, checked by shape and SHA-256."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    shared = getattr(model.config, "shared_embedding", None)
+    if not shared:
+        return
+    from speccascade.models.fetch import cache_dir
+
+    source = cache_dir() / shared["checkpoint"]
+    if not (source / "model.safetensors").is_file():
+        raise FileNotFoundError(f"draft {path} reads its embedding from {source}, which is not "
+                                "installed (`make install` or `python -m speccascade.models.fetch`)")
+    with safe_open(str(source / "model.safetensors"), "pt") as f:
+        embedding = f.get_tensor(shared["tensor"])
+    digest = hashlib.sha256(embedding.float().numpy().tobytes()).hexdigest()
+    if digest != shared["sha256"]:
+        raise IncompatiblePairError(f"{source}'s {shared['tensor']} is not the embedding draft "
+                                    f"{path} was trained with (SHA-256 {digest[:12]}…, expected "
+                                    f"{shared['sha256'][:12]}…)")
+    target = model.get_input_embeddings().weight
+    with torch.no_grad():
+        target.copy_(embedding.to(target.dtype))
+    model.tie_weights()  # a tied head follows the embedding
 
 
 def load_tokenizer(path: str | Path):
