@@ -14,20 +14,32 @@ Terms (REFERENCE.md §1–3; the same names are used in code, docs and metrics):
 - ``π`` — a speculative cascade's target distribution, built from q and p by a deferral rule.
   The cascade runs the *same* lossless sampler with π in place of p, so its output follows π
   exactly as speculative decoding's follows p.
-- ``α`` (``deferral_threshold``, lenience) — the per-request knob of a deferral rule; one end of its
+- ``α`` (``deferral_threshold``) — the per-request knob of a deferral rule; one end of its
   range gives π = p (pure speculative decoding, ``SD_END``), the other π = q (``DRAFT_END``).
+- ``l`` (``lenience``) — lossy speculative decoding (Leviathan et al. 2023, App. A.5), a baseline
+  for cascades: accept x with probability min(1, p(x) / (l·q(x))), l ∈ (0, 1]; l = 1 is lossless.
+- **truncated target** ``p̃`` — truncation sampling of the target (min-p, η-sampling): p with the
+  unlikely tokens removed and renormalized (``truncate_target``). Verified losslessly, it is the
+  Fast-HSD baseline: the output follows p̃ exactly (REFERENCE.md §15).
 
 Guarantees:
 
 - **Lossless.** ``verify`` emits, at every position, a token distributed exactly as the given
-  target (p, or π for cascades) conditioned on the tokens emitted before it.
+  target (p, p̃ when truncated, or π for cascades) conditioned on the tokens emitted before it.
+- **Lenient (l < 1), exactly.** The token emitted at a *drafted* position follows
+
+      f_l(v) = min(q(v), p(v)/l) + (1 − β_l) · r(v),   β_l = Σ_u min(q(u), p(u)/l),
+      r = norm(max(0, p − q))
+
+  (derivation at ``verify``); the bonus token still follows p. f_1 = p, and f_l → q as l → 0.
 - **Seeded.** Randomness comes only from per-row generators (``round_generator``) seeded from
   (request seed, absolute token position, stream), and every row consumes a number of uniforms
   that depends only on its own γ. A request's output therefore does not depend on what else shares
   the batch or on which replica serves it.
 
 Temperature 0 is greedy: ``process_logits`` returns one-hot rows, and ``verify`` on one-hot p, q
-gives the same result as ``verify_greedy``.
+gives the same result as ``verify_greedy``. Truncation and lenience change nothing there: a one-hot
+p keeps its token under any truncation, and the lenient test accepts exactly the argmax of p.
 
 Cascade detail (following the reference notebook ``google-research/speculative_cascades``): the
 deferral *decision* compares temperature-1 probabilities (``p_raw``, ``q_raw``), while π mixes the
@@ -114,12 +126,21 @@ DRAFT_END: dict[DeferralRule, float] = {
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling parameters, applied identically to p and q."""
+    """Per-request sampling parameters.
+
+    temperature, top_k and top_p apply identically to p and q (``process_logits``); min_p and eta
+    truncate the target p only (``truncate_target``; q stays as drafted, which keeps SD exact for
+    p̃); lenience changes only the acceptance test (``verify``). Which modes may set the last three
+    is checked where a request is built (engine.loop.GenerationRequest).
+    """
 
     temperature: float = 0.0   # 0 = greedy
     top_k: int = 0             # 0 = off
     top_p: float = 1.0         # (0, 1]; 1 = off
     seed: int = 0
+    min_p: float = 0.0         # [0, 1); keep p(v) ≥ min_p · max p; 0 = off
+    eta: float = 0.0           # [0, 1); η-sampling, keep p(v) ≥ min(η, √η·e^(−H(p))); 0 = off
+    lenience: float = 1.0      # (0, 1]; accept with min(1, p/(l·q)); 1 = lossless
 
     def __post_init__(self):
         t = self.temperature
@@ -134,10 +155,28 @@ class SamplingParams:
             raise ParamError("top_p", f"top_p must be in (0, 1] (1 = off), got {tp!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ParamError("seed", f"seed must be an integer, got {self.seed!r}")
+        for name, note in (("min_p", "keep tokens with p >= min_p * max p"),
+                           ("eta", "eta-sampling, Hewitt et al. 2022")):
+            v = getattr(self, name)
+            if not _is_number(v) or not 0 <= v < 1:
+                raise ParamError(name, f"{name} must be in [0, 1) (0 = off; {note}), got {v!r}")
+        le = self.lenience
+        if not _is_number(le) or not 0 < le <= 1:
+            raise ParamError("lenience", f"lenience must be in (0, 1] (1 = lossless speculative "
+                             f"decoding; smaller accepts more drafts), got {le!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def truncates(self) -> bool:
+        """Whether the target is truncated (min-p or η) before sampling or verification."""
+        return self.min_p > 0 or self.eta > 0
+
+
+def _is_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _range_text(lo: float, hi: float) -> str:
@@ -239,6 +278,47 @@ def _apply_top_p(scaled: Tensor, top_p: Tensor) -> Tensor:
     keep_sorted = (mass_before < limit) | (limit >= 1)
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)         # [batch, k, vocab]
     return scaled.masked_fill(~keep, -math.inf)
+
+
+# --------------------------------------------------------------------------------------------
+# Truncation sampling of the target: p̃ (min-p, η-sampling), verified losslessly
+# --------------------------------------------------------------------------------------------
+
+
+def truncate_target(p: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """p [batch, k, vocab] processed target probabilities -> p̃ [batch, k, vocab] float32.
+
+    Per row, keep the tokens v with p(v) ≥ τ and renormalize, where
+
+        τ = max(min_p · max p,  ε),   ε = min(η, √η · exp(−H(p))),   H(p) = −Σ p log p (nats),
+
+    each term counting only when its option is set (min-p as in vLLM and HF ``MinPLogitsWarper``;
+    η-sampling as Hewitt et al. 2022 and HF ``EtaLogitsWarper``). Both set: a token must pass both.
+    p is the distribution after temperature, top-k and top-p, so truncation comes last. τ never
+    exceeds max p (ε ≤ exp(−H) ≤ max p), so the argmax always survives; it is also kept explicitly
+    against float rounding. Rows that truncate nothing come back unchanged, bit for bit.
+
+    Only p is truncated. Speculative decoding verifying drafts from an untruncated q against p̃ is
+    lossless for p̃ (REFERENCE.md §2: any q works if the verifier uses the q the drafts came from),
+    so TARGET and SPECULATIVE with the same min_p / eta sample the same distribution p̃.
+    """
+    if p.dim() != 3 or p.shape[0] != len(params):
+        raise ValueError(f"p must be [batch, k, vocab] with batch = len(params); "
+                         f"got {tuple(p.shape)} and {len(params)} params")
+    rows = torch.tensor([s.truncates for s in params])                           # [batch]
+    if not bool(rows.any()):
+        return p
+    p64 = p.double()
+    min_p = torch.tensor([float(s.min_p) for s in params], dtype=torch.float64)[:, None, None]
+    eta = torch.tensor([float(s.eta) for s in params], dtype=torch.float64)[:, None, None]
+    top = p64.amax(-1, keepdim=True)                                             # [batch, k, 1]
+    entropy = -torch.special.xlogy(p64, p64).sum(-1, keepdim=True)               # [batch, k, 1]
+    epsilon = torch.minimum(eta, eta.sqrt() * torch.exp(-entropy))               # 0 where η = 0
+    threshold = torch.maximum(min_p * top, epsilon)                              # [batch, k, 1]
+    keep = (p64 >= threshold) | (p64 == top)                                     # [batch, k, vocab]
+    kept = torch.where(keep, p64, 0.0)
+    truncated = (kept / kept.sum(-1, keepdim=True)).float()                      # [batch, k, vocab]
+    return torch.where(rows[:, None, None], truncated, p.float())
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,22 +540,38 @@ class VerifyOutput:
 
 
 def verify(draft_tokens: Tensor, num_drafts: Tensor, q: Tensor, p: Tensor,
-           generators: Sequence[torch.Generator]) -> VerifyOutput:
-    """Lossless rejection sampling for several sequences at once, each with its own γ.
+           generators: Sequence[torch.Generator], lenience: Tensor | None = None) -> VerifyOutput:
+    """Rejection sampling for several sequences at once, each with its own γ: lossless, or lossy
+    with a lenience l per row.
 
     draft_tokens [batch, γmax] int64 (entries beyond num_drafts ignored); num_drafts [batch]
     (0 = plain sampling from p[:, 0]); q [batch, γmax, vocab] the distributions the drafts were
-    sampled from; p [batch, γmax + 1, vocab] the target (or π) distributions.
+    sampled from; p [batch, γmax + 1, vocab] the target (p̃, or π) distributions; lenience [batch]
+    in (0, 1], or None for all 1.
 
-    Draft x_i is accepted with probability min(1, p(x_i)/q(x_i)); at the first rejection the
+    Draft x_i is accepted with probability min(1, p(x_i)/(l·q(x_i))); at the first rejection the
     recovered token comes from norm(max(0, p − q)) at that position (from p itself when nothing is
     left, i.e. p ≤ q everywhere); if all are accepted the bonus token comes from p at position
     num_drafts. Row b consumes exactly num_drafts[b] + 1 uniforms from generators[b]: one
     acceptance uniform per drafted position (drawn even after a rejection), then one for the
-    emitted token.
+    emitted token. l = 1 is the lossless path exactly: l·q(x) = q(x) bit for bit.
+
+    The lenient output (Leviathan et al. 2023, App. A.5; the reference notebook's
+    ``speed_sampling_*`` functions use the same test and residual). At a drafted position, v is
+    accepted with mass q(v)·min(1, p(v)/(l·q(v))) = min(q(v), p(v)/l), so
+
+        f_l(v) = min(q(v), p(v)/l) + (1 − β_l) · norm(max(0, p − q))(v),
+        β_l = Σ_u min(q(u), p(u)/l)   (the probability that a draft is accepted).
+
+    The residual stays norm(max(0, p − q)): acceptance already gives every token with p < q at
+    least its p (and the others exactly q ≤ p), so the rejected mass 1 − β_l = Σ(p − q)⁺ −
+    Σ(min(q, p/l) − p)⁺ belongs only where p still exceeds q, in proportion to what is missing.
+    Then TV(f_l, p) = Σ_v (min(q(v), p(v)/l) − p(v))⁺, the least any residual can reach with this
+    acceptance test; at l = 1 the excess is 0 and f_1 = p. norm(max(0, p − l·q)) would also put
+    mass on tokens with l·q ≤ p < q, which acceptance already over-serves (tests show it fails).
     """
     uniforms = _draw_verify_uniforms(num_drafts, draft_tokens.shape[1], generators)
-    return _verify_with_uniforms(draft_tokens, num_drafts, q, p, uniforms)
+    return _verify_with_uniforms(draft_tokens, num_drafts, q, p, uniforms, lenience)
 
 
 def _draw_verify_uniforms(num_drafts: Tensor, gamma_max: int,
@@ -519,18 +615,24 @@ def _check_verify_shapes(draft_tokens: Tensor, num_drafts: Tensor, q: Tensor, p:
 
 
 def _verify_with_uniforms(draft_tokens: Tensor, num_drafts: Tensor, q: Tensor, p: Tensor,
-                          uniforms: Tensor) -> VerifyOutput:
+                          uniforms: Tensor, lenience: Tensor | None = None) -> VerifyOutput:
     """``verify`` with pre-drawn uniforms [batch, γmax + 1] (layout of _draw_verify_uniforms)."""
     _check_verify_shapes(draft_tokens, num_drafts, q, p)
+    if lenience is not None and lenience.shape != (draft_tokens.shape[0],):
+        raise ValueError(f"lenience must be [batch]={draft_tokens.shape[0]}, "
+                         f"got {tuple(lenience.shape)}")
     batch, gamma_max = draft_tokens.shape
     rows = torch.arange(batch)
     positions = torch.arange(gamma_max)
 
-    # 1. Acceptance test at every drafted position: u_i < min(1, p(x_i) / q(x_i)).
+    # 1. Acceptance test at every drafted position: u_i < min(1, p(x_i) / (l·q(x_i))), i.e. the
+    #    lossless test against l·q (l > 0 keeps q's zeros; l = 1 leaves q(x) bit for bit).
     drafted = positions[None, :] < num_drafts[:, None]                           # [batch, γ]
     x = torch.where(drafted, draft_tokens, 0)[..., None]                         # [batch, γ, 1]
     p_x = p[:, :gamma_max].gather(-1, x).squeeze(-1)                             # [batch, γ]
     q_x = q.gather(-1, x).squeeze(-1)                                            # [batch, γ]
+    if lenience is not None:
+        q_x = lenience.double()[:, None] * q_x.double()                          # [batch, γ]
     accepted = drafted & (uniforms[:, :gamma_max] < _acceptance_probability(p_x, q_x))
 
     # 2. Accepted prefix: drafts up to the first rejection.

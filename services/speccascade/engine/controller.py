@@ -2,7 +2,7 @@
 
 Terms (REFERENCE.md §1, §11), all estimated online:
   a_i       P(draft i accepted | drafts 1..i−1 accepted): the request's own counts, with a prior
-            from the recent traffic of the same kind (mode, temperature, cascade rule and α)
+            from the recent traffic of the same kind (mode, sampling options, cascade rule, α)
   E(γ)      tokens a round commits in expectation: 1 + Σ_{i≤γ} Π_{j≤i} a_j
   D(γ)      a draft call of γ steps on the drafter, from its reported fit (engine.costs)
   V(n)      a verify forward of n tokens per row on the verifier, from its reported fit
@@ -202,6 +202,7 @@ class SpeculationController:
     def start(self, request) -> RequestControl:
         s, c = request.sampling, request.cascade
         key = (int(request.mode), s.greedy, round(s.temperature, 2), round(s.top_p, 2), s.top_k,
+               round(s.min_p, 3), round(s.eta, 4), round(s.lenience, 3),
                None if c is None else (int(c.rule), round(c.alpha, 4)))
         gamma_max = max(1, min(self.gamma_max, request.max_num_draft_tokens))
         return RequestControl(self, key, gamma_max, request.draft_ahead_waste_cost)

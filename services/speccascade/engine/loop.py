@@ -74,6 +74,14 @@ class GenerationRequest:
             raise ParamError("max_new_tokens", f"prompt ({len(self.prompt_ids)} tokens) + "
                              f"max_new_tokens ({self.max_new_tokens}) exceeds the model context "
                              f"of {self.max_seq_len} tokens")
+        s, mode = self.sampling, Mode(self.mode)
+        if s.lenience != 1 and mode != Mode.SPECULATIVE:
+            raise ParamError("lenience", f"lenience (lossy speculative decoding) applies to mode "
+                             f"SPECULATIVE only; leave it unset for {mode.name}")
+        for name in ("min_p", "eta"):
+            if getattr(s, name) > 0 and mode not in (Mode.TARGET, Mode.SPECULATIVE):
+                raise ParamError(name, f"{name} truncates the target's distribution: it applies "
+                                 f"to modes TARGET and SPECULATIVE only, not {mode.name}")
 
 
 @dataclass

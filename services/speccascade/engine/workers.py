@@ -193,12 +193,16 @@ class VerifyWorker(_Worker):
             out = sampling.verify_greedy_tokens(drafts, num_drafts, best)
         else:
             p = sampling.process_logits(p_logits, params)  # [batch, γ+1, vocab]
+            p = sampling.truncate_target(p, params)  # p̃ for min-p / η rows (not cascades)
             q = self._draft_probs(requests, drafts, gamma, vocab)  # [batch, γ, vocab]
             if gamma and any(r.cascade is not None for r in requests):
                 p, deferred = self._cascade(requests, p, q, p_logits, gamma, vocab)
             generators = [sampling.round_generator(r.sampling.seed, len(r.tokens),
                                                    sampling.VERIFY_STREAM) for r in requests]
-            out = sampling.verify(drafts, num_drafts, q, p, generators)
+            lenience = None  # lossy speculative decoding where a row asks for it
+            if any(s.lenience != 1 for s in params):
+                lenience = torch.tensor([s.lenience for s in params], dtype=torch.float64)
+            out = sampling.verify(drafts, num_drafts, q, p, generators, lenience)
         ended = time.perf_counter()
         elapsed = (ended - started) * 1000
         self.costs.observe(self._features(batch, 1, self.runner.last_forward_tokens), elapsed, batch,
