@@ -41,3 +41,13 @@ def test_request_past_the_context_is_refused_with_a_message(tiny_pair):
     run = generate(tiny_pair, "--max-new-tokens", "300")  # the tiny models' context is 256
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert "exceeds the model context of 256 tokens" in run.stderr
+
+
+def test_sampling_baselines_are_flags_and_are_checked(tiny_pair):
+    run = generate(tiny_pair, "--mode", "speculative", "--temperature", "1", "--min-p", "0.1",
+                   "--eta", "0.001", "--lenience", "0.5", "--max-new-tokens", "8", "--seed", "1")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "-- speculative: 8 tokens" in run.stderr
+    run = generate(tiny_pair, "--mode", "target", "--temperature", "1", "--lenience", "0.5")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "lenience (lossy speculative decoding) applies to mode SPECULATIVE only" in run.stderr

@@ -29,7 +29,8 @@ SECRET = b"s" * 32
 def test_wire_round_trips_the_seam_types():
     q = SparseDraft(torch.tensor([[3, 1], [2, 0]], dtype=torch.int32),
                     torch.tensor([[0.75, 0.25], [1.0, 0.0]]), torch.tensor([[0.5, 0.1], [0.9, 0.0]]))
-    request = VerifyRequest("seq", list(range(300)), [5, 6], SamplingParams(0.8, 0, 0.95, 7), q,
+    request = VerifyRequest("seq", list(range(300)), [5, 6],
+                            SamplingParams(0.8, 0, 0.95, 7, min_p=0.05, eta=3e-4, lenience=0.5), q,
                             CascadeParams(DeferralRule.TOKEN_V2, 0.25))
     call = wire.decode_call(wire.encode(wire.Call("verify", 9, "seq", b"t", verify=request)))
     got = call.verify

@@ -150,6 +150,8 @@ CASES = [  # (fields or raw bytes, the field the answer must name)
      "deferral_rule"),
     ({"prompt": "x", "max_new_tokens": 4, "mode": pb.TARGET, "deferral_threshold": 0.5},
      "deferral_threshold"),
+    ({"prompt": "x", "max_new_tokens": 4, "mode": pb.TARGET, "temperature": 1.0,
+      "lenience": 0.5}, "lenience"),
     ({"prompt": "x", "max_new_tokens": 4, "num_draft_tokens": -1}, "num_draft_tokens"),
     ({"prompt": "x", "max_new_tokens": 4, "num_draft_tokens": 17}, "num_draft_tokens"),
     ({"prompt": "x", "max_new_tokens": 4, "stop": ["a"] * 5}, "stop"),

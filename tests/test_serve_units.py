@@ -177,6 +177,18 @@ def test_defaults(tokenizer, limits):
     ({"deferral_threshold": 0.5}, "deferral_threshold"),
     ({"draft_stop_below": 1.0}, "draft_stop_below"),
     ({"draft_stop_below": -0.1}, "draft_stop_below"),
+    ({"temperature": 1.0, "lenience": 0.0}, "lenience"),
+    ({"temperature": 1.0, "lenience": 1.5}, "lenience"),
+    ({"temperature": 1.0, "lenience": float("nan")}, "lenience"),
+    ({"mode": pb.TARGET, "temperature": 1.0, "lenience": 0.5}, "lenience"),
+    ({"mode": pb.CASCADE, "deferral_rule": pb.CHOW, "deferral_threshold": 0.0,
+      "lenience": 0.5}, "lenience"),
+    ({"temperature": 1.0, "min_p": 1.0}, "min_p"),
+    ({"temperature": 1.0, "min_p": -0.1}, "min_p"),
+    ({"mode": pb.DRAFT, "temperature": 1.0, "min_p": 0.1}, "min_p"),
+    ({"temperature": 1.0, "eta": 1.0}, "eta"),
+    ({"mode": pb.CASCADE, "deferral_rule": pb.CHOW, "deferral_threshold": 0.0,
+      "eta": 1e-3}, "eta"),
     ({"stop": ["a", "b", "c"]}, "stop"),
     ({"stop": [""]}, "stop"),
     ({"stop": ["123456789"]}, "stop"),
@@ -342,6 +354,43 @@ def test_http_bodies_go_through_the_same_validation(tokenizer, limits):
         renamed = http._renamed(error.value, http.COMPLETION_NAMES)
         assert renamed.field == http.COMPLETION_NAMES.get(field, field)
         assert renamed.field in renamed.message
+
+
+def test_sampling_baselines_through_both_doors(tokenizer, limits):
+    """lenience, min_p and eta: the same GenerationRequest from gRPC and HTTP, the same rejections
+    (INVALID_ARGUMENT / HTTP 400 naming the field), unset = off."""
+    from speccascade.serve import http
+
+    def convert_body(body: dict):
+        import json
+
+        raw = json.dumps({"prompt": "def f1(x):", "max_tokens": 8, "seed": 3, **body}).encode()
+        parsed = http._parse(raw, http.CompletionBody)
+        received = http._fields(parsed, len(raw), http._completion_prompt(parsed))
+        return to_generation_request(received, request_id="r", tokenizer=tokenizer, limits=limits)
+
+    fields = dict(temperature=0.5, lenience=0.25, min_p=0.1, eta=3e-4)
+    request = convert_body(fields)
+    assert request == convert(tokenizer, limits, seed=3, **fields)
+    s = request.sampling
+    assert (s.lenience, s.min_p, s.eta) == (0.25, 0.1, 3e-4)  # doubles on both doors: exact
+    for unset in (convert(tokenizer, limits).sampling, convert_body({}).sampling,
+                  convert_body({"min_p": None, "eta": None, "lenience": None}).sampling):
+        assert (unset.lenience, unset.min_p, unset.eta) == (1.0, 0.0, 0.0)
+    target = convert_body({"mode": "target", "min_p": 0.1})
+    assert target.mode == Mode.TARGET and target.sampling.min_p == 0.1
+    for bad, field in [({"lenience": 0}, "lenience"), ({"min_p": 1}, "min_p"),
+                       ({"eta": -0.5}, "eta"), ({"mode": "draft", "eta": 0.01}, "eta"),
+                       ({"mode": "target", "lenience": 0.5}, "lenience"),
+                       ({"min_p": "lots"}, "min_p")]:
+        with pytest.raises(ParamError) as error:
+            convert_body(bad)
+        assert error.value.field == field, bad
+        status, answer = errors.openai_error(error.value)
+        assert status == 400 and answer["error"]["param"] == field, answer
+        assert errors.status_for(error.value)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ParamError, match=r"SPECULATIVE only; leave it unset for TARGET"):
+        convert(tokenizer, limits, mode=pb.TARGET, lenience=0.5)
 
 
 def test_chat_needs_a_chat_template(tokenizer):

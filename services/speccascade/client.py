@@ -9,7 +9,16 @@
 Keyword arguments are the fields of `GenerateRequest`; `mode`, `deferral_rule` take enum names
 (case-insensitive) or numbers. For `deferral_threshold` (the cascade's α), README.md "Choosing α"
 lists per rule the α whose quality stays within 1 % of TARGET, and the speed it buys.
-gRPC errors surface as `grpc.RpcError` with the server's status.
+The lossy baselines cascades are compared with are request options too (README "Sampling
+options"): `lenience` (SPECULATIVE only, in (0, 1]: accept a draft with min(1, p/(lenience·q))),
+and truncation sampling of the target, verified losslessly, `min_p` and `eta` (TARGET or
+SPECULATIVE, each in [0, 1), 0 = off):
+
+    client.generate("def f(x):", mode="speculative", temperature=0.8, min_p=0.1)
+    client.generate("def f(x):", mode="speculative", temperature=0.8, lenience=0.5)
+
+gRPC errors surface as `grpc.RpcError` with the server's status (INVALID_ARGUMENT naming the field
+for a value out of range or an option the mode does not take).
 """
 from __future__ import annotations
 

@@ -81,7 +81,8 @@ def _client(args) -> None:
     fields = dict(max_new_tokens=args.max_new_tokens, mode=args.mode,
                   num_draft_tokens=args.num_draft_tokens, temperature=args.temperature,
                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                  pipelined=PIPELINE[args.pipeline])
+                  pipelined=PIPELINE[args.pipeline], min_p=args.min_p, eta=args.eta,
+                  lenience=args.lenience)
     if args.mode == "cascade":
         rule = DeferralRule[args.rule.upper()]
         fields.update(deferral_rule=rule.name,

@@ -64,6 +64,11 @@ class _Body(_Strict):
     top_k: int = 0
     adaptive_num_draft_tokens: bool = False
     draft_stop_below: float = 0.0
+    # sampling baselines (README "Front doors"): vLLM's `min_p`; `eta` (η-sampling) and `lenience`
+    # (lossy speculative decoding) are GenerateRequest's names
+    min_p: float | None = None
+    eta: float | None = None
+    lenience: float | None = None
 
 
 class CompletionBody(_Body):
@@ -131,7 +136,8 @@ def _fields(body: _Body, size: int, prompt: dict) -> RequestFields:
         deferral_rule=_enum("deferral_rule", body.deferral_rule, DeferralRule),
         deferral_threshold=body.deferral_threshold, stop=tuple(stop), pipelined=body.pipelined,
         adaptive_num_draft_tokens=body.adaptive_num_draft_tokens,
-        draft_stop_below=body.draft_stop_below, size=size)
+        draft_stop_below=body.draft_stop_below, min_p=body.min_p or 0.0, eta=body.eta or 0.0,
+        lenience=body.lenience, size=size)
 
 
 def _renamed(exc: Exception, names: dict[str, str]) -> Exception:

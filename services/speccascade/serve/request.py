@@ -5,7 +5,8 @@ unset): the gRPC door with `RequestFields.from_proto`, the HTTP door (serve.http
 body. `to_generation_request` then checks them, so both doors accept and reject the same requests.
 Each violation raises `ParamError(field, message)` naming the field and its allowed range;
 `errors.status_for` answers it with INVALID_ARGUMENT (HTTP 400). The sampling and cascade objects
-validate their own ranges (speccascade.sampling), so those rules are not repeated here.
+validate their own ranges (speccascade.sampling), and GenerationRequest which modes may set
+lenience, min_p and eta (engine.loop), so those rules are not repeated here.
 """
 from __future__ import annotations
 
@@ -71,6 +72,9 @@ class RequestFields:
     pipelined: bool | None = None
     adaptive_num_draft_tokens: bool = False
     draft_stop_below: float = 0.0
+    lenience: float | None = None
+    min_p: float = 0.0
+    eta: float = 0.0
     size: int = 0
 
     @classmethod
@@ -86,7 +90,8 @@ class RequestFields:
                    deferral_threshold=optional("deferral_threshold"), stop=tuple(msg.stop),
                    pipelined=optional("pipelined"),
                    adaptive_num_draft_tokens=msg.adaptive_num_draft_tokens,
-                   draft_stop_below=msg.draft_stop_below, size=msg.ByteSize())
+                   draft_stop_below=msg.draft_stop_below, lenience=optional("lenience"),
+                   min_p=msg.min_p, eta=msg.eta, size=msg.ByteSize())
 
 
 def _int(name: str, value) -> int:
@@ -186,7 +191,9 @@ def to_generation_request(msg: RequestFields | pb.GenerateRequest | Undecodable,
     if not 0 <= seed < 1 << 64:  # the proto's uint64
         raise ParamError("seed", f"seed must be in [0, 2^64), got {seed}")
     sampling = SamplingParams(temperature=msg.temperature, top_k=msg.top_k,
-                              top_p=1.0 if msg.top_p is None else msg.top_p, seed=seed)
+                              top_p=1.0 if msg.top_p is None else msg.top_p, seed=seed,
+                              min_p=msg.min_p, eta=msg.eta,
+                              lenience=1.0 if msg.lenience is None else msg.lenience)
     eos = tokenizer.eos_token_id
     return GenerationRequest(
         request_id=request_id, prompt_ids=prompt_ids, max_new_tokens=msg.max_new_tokens,
