@@ -401,3 +401,47 @@ def paired_bootstrap_ci(a, b, *, resamples: int = 10_000, level: float = 0.95,
     return {"tasks": n, "diff": (x.mean() - y.mean()).item(), "lo": lo, "hi": hi,
             "rel_loss": (mean_b - x.mean().item()) / max(abs(mean_b), 1e-12),
             "rel_loss_lo": rel_lo, "rel_loss_hi": rel_hi}
+
+
+# --------------------------------------------------------------------------------------------
+# Short answers through the chat template (bench/workload.py's "facts" family): the reply's
+# first line, its end, and whether it holds a known answer.
+# --------------------------------------------------------------------------------------------
+
+FACT_TOKENS = 24  # a one-sentence reply ("The capital of Kenya is Nairobi.") with room to spare
+
+
+def reply_complete(text: str) -> bool:
+    """True once `text` (an assistant reply) holds its first non-blank line, ended by a newline:
+    nothing generated after that changes the fact score."""
+    return any(line.strip() for line in text.split("\n")[:-1])
+
+
+def reply_line(text: str) -> str:
+    """The reply's first non-blank line, stripped ("" if there is none)."""
+    return next((line.strip() for line in text.split("\n") if line.strip()), "")
+
+
+def reply_token_count(tokenizer, token_ids: list[int]) -> int:
+    """How many of token_ids it takes to complete the reply's first line (all if they never do)."""
+    for k in range(1, len(token_ids) + 1):
+        if reply_complete(tokenizer.decode(token_ids[:k])):
+            return k
+    return len(token_ids)
+
+
+def _folded(text: str) -> str:
+    """Lower case without accents: "Bogotá" and "bogota" compare equal."""
+    import unicodedata
+
+    return "".join(c for c in unicodedata.normalize("NFKD", text)
+                   if not unicodedata.combining(c)).lower()
+
+
+def answer_correct(reply: str, answers) -> float:
+    """1.0 if any accepted answer occurs in the reply as a whole word or phrase (case and accents
+    ignored), else 0.0. "The capital of Kenya is Nairobi." is right; "boxs" is not "boxes"."""
+    import re
+
+    text = _folded(reply)
+    return float(any(re.search(rf"(?<!\w){re.escape(_folded(a))}(?!\w)", text) for a in answers))
