@@ -24,15 +24,28 @@ def add_bench_parser(subparsers) -> None:
                         "float32 makes greedy equality exact")
     parser.set_defaults(func=_bench)
     sub = parser.add_subparsers(dest="bench_command")  # optional: plain `bench` is the full run
-    frontier = sub.add_parser("frontier", help="quality–latency frontier of the cascades, with "
-                              "paired bootstrap CIs (bench/frontier.py; --estimate-only times it first)")
+    frontier = sub.add_parser("frontier", help="quality–latency frontier of the cascades against "
+                              "lossy SD (lenience) and truncation + SD, with paired bootstrap CIs "
+                              "(bench/frontier.py; --pilot sizes it, --estimate-only times it); "
+                              "README \"Choosing α\" comes from it")
     frontier.add_argument("--quick", action="store_true", help="a handful of tasks and α (CI)")
     frontier.add_argument("--estimate-only", action="store_true",
                           help="time a small sample, print the full plan's estimate, and stop")
+    frontier.add_argument("--pilot", action="store_true", help="TARGET vs DRAFT and vs itself "
+                          "reseeded on a few tasks (in process): per metric, the tasks a 0.5 %% "
+                          "CI half-width of the relative loss needs (--tasks: pilot size, "
+                          "default 100 per family)")
+    frontier.add_argument("--results", default=None, help="re-render the markdown, plots and "
+                          "choosing_alpha.md from this frontier.json (measures nothing)")
+    frontier.add_argument("--readme", default=None, help="also fill this README's \"Choosing α\" "
+                          "table (between its choosing-alpha markers)")
     frontier.add_argument("--out", default=None, help="folder for frontier.json and plots "
-                          "(default: benchmarks/, or a temp folder with --quick or --estimate-only)")
+                          "(default: benchmarks/, or a temp folder with --quick, --estimate-only "
+                          "or --pilot)")
     frontier.add_argument("--markdown", default=None, help="default: <out>/frontier.md")
-    frontier.add_argument("--tasks", type=int, default=None, help="line-completion tasks")
+    frontier.add_argument("--tasks", type=int, default=None, help="tasks per family")
+    frontier.add_argument("--families", default=None,
+                          help="comma-separated task families (default: code,facts)")
     frontier.add_argument("--alphas-per-rule", type=int, default=None)
     frontier.add_argument("--streams", type=int, default=None,
                           help="concurrent quality streams through the service")
@@ -95,40 +108,66 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _frontier(args: argparse.Namespace) -> None:
+    import json
     import tempfile
     from dataclasses import replace
 
     from speccascade.bench import frontier as fr
+    from speccascade.bench import frontier_report as rep
 
-    full = fr.FrontierPlan()
+    if args.results:
+        results = json.loads(Path(args.results).read_text())
+        out = Path(args.results).parent
+        _frontier_outputs(results, out, Path(args.markdown) if args.markdown else out / "frontier.md",
+                          args.readme)
+        return
     given = {k: v for k, v in (("tasks", args.tasks), ("alphas_per_rule", args.alphas_per_rule),
                                ("streams", args.streams), ("quality_on", args.quality_on))
              if v is not None}
+    if args.families:
+        given["families"] = tuple(f.strip() for f in args.families.split(",") if f.strip())
     common = dict(grpc_port=args.grpc_port, http_port=args.http_port, target=args.target,
                   draft=args.draft, dtype=args.dtype, stop_at_line_end=not args.full_length)
-    full = replace(full, **given, **common)
-    if args.estimate_only:  # a sample of the full plan: its own streams, few tasks and α
-        plan = replace(full, tasks=2 * full.streams, alphas_per_rule=1, speed_tasks=2,
-                       speed_rounds=1, seq_tasks=4)
+    full = replace(fr.FrontierPlan(), **given, **common)
+    scratch = args.quick or args.estimate_only or args.pilot
+    out = Path(args.out) if args.out else (
+        Path(tempfile.mkdtemp(prefix="speccascade-frontier-")) if scratch else Path("benchmarks"))
+    if args.pilot:
+        plan = replace(full, tasks=args.tasks or 100)
+        full = replace(full, tasks=fr.FrontierPlan().tasks)
+        pilot = fr.run_pilot(plan, out, full)
+        table = rep.pilot_table(pilot)
+        (out / "pilot.md").write_text("\n".join(table) + "\n")
+        print("\n".join(table))
+        print(f"wrote {out / 'pilot.json'} and {out / 'pilot.md'}")
+        return
+    if args.estimate_only:  # a sample of the full plan: few tasks, one value per grid
+        plan = full.sample()
     elif args.quick:
         plan = replace(fr.FrontierPlan.quick(), **given, **common)
     else:
         plan = full
-    scratch = args.quick or args.estimate_only
-    out = Path(args.out) if args.out else (
-        Path(tempfile.mkdtemp(prefix="speccascade-frontier-")) if scratch else Path("benchmarks"))
     results = fr.run_frontier(plan, out, estimate_for=full)
     est = results["estimate_full_run_s"]
-    print(f"estimated full run ({full.tasks} tasks, {full.alphas_per_rule} α per rule, "
-          f"{full.streams} streams): {est['total_s'] / 60:.1f} min (" + ", ".join(
-              f"{k[:-2]} {v / 60:.1f}" for k, v in est.items() if k != "total_s") + ")")
+    n = sum(len(fr.configs(full, s)) for s in (False, True))
+    print(f"estimated full run ({full.tasks} tasks × {len(full.families)} families, {n} quality "
+          f"configurations, {full.alphas_per_rule} α per rule): {est['total_s'] / 60:.1f} min ("
+          + ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in est.items() if k != "total_s") + ")")
     if args.estimate_only:
         return
-    from speccascade.bench.frontier_report import write
-
-    markdown = Path(args.markdown) if args.markdown else out / "frontier.md"
-    write(results, out, markdown)
-    print(f"wrote {out / 'frontier.json'}, {markdown} and frontier_*.png in {out}")
+    _frontier_outputs(results, out, Path(args.markdown) if args.markdown else out / "frontier.md",
+                      args.readme)
     for decoding, a in results["analysis"].items():
         print(f"  {decoding}: metrics whose DRAFT − TARGET CI excludes 0: "
               f"{', '.join(a['separating_metrics']) or 'none'}")
+
+
+def _frontier_outputs(results: dict, out: Path, markdown: Path, readme: str | None) -> None:
+    from speccascade.bench.frontier_report import choosing_alpha, fill_readme, write
+
+    write(results, out, markdown)
+    print(f"wrote {out / 'frontier.json'}, {markdown}, {out / 'choosing_alpha.md'} and "
+          f"frontier_*.png in {out}")
+    if readme:
+        filled = fill_readme(Path(readme), choosing_alpha(results))
+        print(f"{'filled' if filled else 'no choosing-alpha markers in'} {readme}")

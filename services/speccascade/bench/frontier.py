@@ -1,69 +1,85 @@
-"""`speccascade bench frontier`: the quality–latency frontier of speculative cascades, with CIs.
+"""`speccascade bench frontier`: the quality–latency frontier of speculative cascades against the
+lossy baselines, with CIs (statistics in bench/frontier_stats.py, the report in frontier_report.py).
 
-Every configuration (TARGET, DRAFT, SPECULATIVE and the six rules over their α range, greedy and
-sampled; the sequential cascade, greedy, in process) completes the same held-out lines with the
-same per-task seeds. Quality:
+Configurations, greedy and sampled (T 0.8, top_p 0.95), every one on the same tasks with the same
+per-task seeds: TARGET, DRAFT, SPECULATIVE, the six rules over their α range; sampled only (both
+are no-ops at temperature 0): lossy SD with lenience l (accept with min(1, p/(l·q))) and
+truncation + SD, min-p or η-sampling of the target verified losslessly (Fast-HSD's baseline). A
+truncation configuration samples exactly its truncated target p̃ in TARGET and in SPECULATIVE
+mode, so its quality is measured in TARGET mode (cheaper in process) and its speed in SPECULATIVE
+mode: one row, two measurements of the same distribution. The sequential cascade (Chow, greedy)
+runs in process.
 
-- exact match and edit similarity of the predicted line (models/evaluate.py), and
-- the target's mean log-likelihood per token of the continuation up to the end of that line,
-  scored afterwards in process (one prompt forward per task, every distinct output in one batch).
+Tasks (bench/workload.py), two families with external ground truth, interleaved:
 
-Each stream stops once its line is complete: later tokens cannot change any metric. Every metric
-is compared with TARGET of the same decoding by a paired bootstrap 95 % CI.
+- code: held-out stdlib line completion, exact match and edit similarity of the next line;
+- facts: short questions through the chat template (capitals, antonyms, irregular plurals),
+  whether the reply's first line holds a known answer;
 
-Where quality runs (`quality_on`): through the gRPC service, `streams` tasks at a time, the full
-plan takes about 110 min on 2 CPU cores (the verifier serializes its calls: mean batch 1.0), so
+and, on both, the target's mean log-likelihood per token of the continuation up to the end of that
+line (fp32, scored afterwards in process). Each stream stops once its line is complete: later
+tokens cannot change any metric. Every metric is compared with TARGET of the same decoding by a
+paired bootstrap 95 % CI.
+
+Where quality runs (`quality_on`): through the gRPC service the verifier serializes its calls, so
 by default the quality pass runs the same loop, front-door validation, workers and sampler in
 process with `chunk` tasks sharing each forward, and the first `service_check_tasks` tasks of
 every configuration also go through the service, which must give the same outputs (reported).
 
-Speed, through the service: with many streams a request's latency depends on what it is batched
-with, so latency relative to TARGET is 1 / (tokens/s relative to TARGET) of a single-stream pass
-over a fixed subset of tasks at full length, interleaved over the configurations `speed_rounds`
-times (a burst of load from elsewhere then skews every configuration, not one). Every rule at its
-SD end is timed too: its rounds do SPECULATIVE's verification and should cost the same.
+Speed, through the service: latency relative to TARGET is 1 / (tokens/s relative to TARGET) of a
+single-stream pass over a fixed subset of tasks at full length, interleaved over the
+configurations `speed_rounds` times. Every rule at its SD end is timed too: its rounds do
+SPECULATIVE's verification and should cost the same.
 
-Lossy speculative decoding (Leviathan et al.'s lenience, accept with min(1, p / (l·q))) is not a
-baseline here: it needs a lenience input to the acceptance test in sampling.py and a request field.
+`--pilot` (run_pilot) sizes the task set first: TARGET against DRAFT and against itself with other
+seeds on a small sample, and per metric the tasks a 0.5 % CI half-width of the relative loss needs.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from speccascade.bench.frontier_stats import (analyse, best_cascade, goals, pilot_sizing)
 from speccascade.bench.measure import stream_one, summarize
 from speccascade.bench.run import alpha_sweep
-from speccascade.bench.service import SAMPLED, sd_end_cascades, slowest_sd_end
-from speccascade.bench.workload import quality_tasks
-from speccascade.models.evaluate import (LINE_TOKENS, continuation_log_likelihoods,
-                                         edit_similarity, exact_match, line_complete,
-                                         line_token_count, paired_bootstrap_ci, predicted_line)
+from speccascade.bench.service import SAMPLED, sd_end_cascades
+from speccascade.bench.workload import FAMILIES, Task, frontier_tasks
+from speccascade.models.evaluate import (FACT_TOKENS, LINE_TOKENS, answer_correct,
+                                         continuation_log_likelihoods, edit_similarity,
+                                         exact_match, line_complete, line_token_count,
+                                         predicted_line, reply_complete, reply_line,
+                                         reply_token_count)
 from speccascade.sampling import SD_END, DeferralRule
 
-METRICS = {"target_loglik": "target log-likelihood (nats/token)",
-           "edit_similarity": "edit similarity", "exact_match": "exact match"}
-MAX_LOSS = 0.01  # "within 1 % of TARGET": the upper CI bound of the relative loss
+# Per family: tokens to generate, when the scored line is complete, and its length in tokens.
+MAX_TOKENS = {"code": LINE_TOKENS, "facts": FACT_TOKENS}
+COMPLETE = {"code": line_complete, "facts": reply_complete}
+CUT = {"code": line_token_count, "facts": reply_token_count}
+RESEED = 1_000_003  # the pilot's "TARGET reseeded": task i samples with seed + RESEED + i
 
 
 @dataclass(frozen=True)
 class FrontierPlan:
-    tasks: int = 1000
+    tasks: int = 400              # per family (bench/workload.py), interleaved
+    families: tuple[str, ...] = FAMILIES
     alphas_per_rule: int = 3      # α values strictly between the SD end and the draft end
+    lenience: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3)    # lossy SD, sampled only
+    min_p: tuple[float, ...] = (0.05, 0.1, 0.2)           # truncation + SD, sampled only
+    eta: tuple[float, ...] = (0.002, 0.01, 0.04)
     quality_on: str = "engine"    # "engine": in process, batched; "service": through gRPC
     chunk: int = 200              # in-process tasks started together (their prefills batch)
-    service_check_tasks: int = 24  # quality_on "engine": these first tasks also via the service
+    service_check_tasks: int = 16  # quality_on "engine": these first tasks also via the service
     streams: int = 8              # concurrent quality streams through the service
-    speed_tasks: int = 16         # single-stream speed subset (the first tasks)
+    speed_tasks: int = 12         # single-stream speed subset (the first tasks: both families)
     speed_rounds: int = 2
-    seq_tasks: int = 100          # the in-process sequential cascade (one token per Python step)
+    seq_tasks: int = 60           # the in-process sequential cascade (one token per Python step)
     gamma: int = 4
     seed: int = 1234              # task i of a sampled run has seed + i
     stop_at_line_end: bool = True  # cancel each stream once its line is complete (same metrics)
@@ -75,8 +91,16 @@ class FrontierPlan:
 
     @classmethod
     def quick(cls, **kw) -> "FrontierPlan":
-        return cls(tasks=6, alphas_per_rule=1, chunk=4, service_check_tasks=3, streams=4,
-                   speed_tasks=2, speed_rounds=1, seq_tasks=3, **kw)
+        return cls(**{**dict(tasks=4, alphas_per_rule=1, lenience=(0.5,), min_p=(0.1,),
+                             eta=(0.01,), chunk=4, service_check_tasks=4, streams=4,
+                             speed_tasks=2, speed_rounds=1, seq_tasks=2), **kw})
+
+    def sample(self) -> "FrontierPlan":
+        """--estimate-only: the same kinds of work, few tasks and one value per grid."""
+        return replace(self, tasks=min(self.tasks, max(self.streams, 48)), alphas_per_rule=1,
+                       lenience=self.lenience[:1], min_p=self.min_p[:1], eta=self.eta[:1],
+                       speed_tasks=2, speed_rounds=1, seq_tasks=2,
+                       service_check_tasks=min(self.service_check_tasks, 4))
 
 
 def alphas(rule: DeferralRule, count: int) -> list[float]:
@@ -89,44 +113,80 @@ def _sampled_fields(sampled: bool) -> dict:
     return {k: v for k, v in SAMPLED.items() if k != "seed"} if sampled else {}
 
 
+def _config(fields: dict, kind: str, group: str | None = None, value: float | None = None,
+            distance: float | None = None, **extra) -> dict:
+    return {"fields": fields, "kind": kind, "group": group, "value": value,
+            "distance": distance, **extra}
+
+
 def configs(plan: FrontierPlan, sampled: bool) -> dict[str, dict]:
-    """name -> {"fields": request fields, "rule", "alpha"}: the service configurations."""
+    """name -> {"fields": the quality pass's request fields, ["speed_fields": the speed pass's,
+    where they differ], "kind", "group", "value", "distance" (from the lossless end)}."""
     extra = _sampled_fields(sampled)
-    out = {"TARGET": {"fields": dict(mode="target", **extra)},
-           "DRAFT": {"fields": dict(mode="draft", **extra)},
-           "SPECULATIVE": {"fields": dict(mode="speculative", num_draft_tokens=plan.gamma, **extra)}}
+    target = dict(mode="target", **extra)
+    spec = dict(mode="speculative", num_draft_tokens=plan.gamma, **extra)
+    out = {"TARGET": _config(target, "reference"),
+           "DRAFT": _config(dict(mode="draft", **extra), "reference"),
+           "SPECULATIVE": _config(spec, "reference", distance=0.0)}
     for rule in DeferralRule:
         for alpha in alphas(rule, plan.alphas_per_rule):
-            out[f"{rule.name} α={alpha:g}"] = {
-                "rule": rule.name, "alpha": alpha,
-                "fields": dict(mode="cascade", deferral_rule=rule.name, deferral_threshold=alpha,
-                               num_draft_tokens=plan.gamma, **extra)}
+            out[f"{rule.name} α={alpha:g}"] = _config(
+                dict(mode="cascade", deferral_rule=rule.name, deferral_threshold=alpha,
+                     num_draft_tokens=plan.gamma, **extra),
+                "cascade", rule.name, alpha, abs(alpha - SD_END[rule]), rule=rule.name, alpha=alpha)
+    if sampled:  # at temperature 0 lenience and truncation change nothing
+        for lenience in plan.lenience:
+            out[f"LENIENT SD l={lenience:g}"] = _config({**spec, "lenience": lenience}, "lenience",
+                                                        "LENIENCE", lenience, 1 - lenience)
+        for group, field, symbol, grid in (("MIN_P", "min_p", "min_p", plan.min_p),
+                                           ("ETA", "eta", "η", plan.eta)):
+            for v in grid:  # quality in TARGET mode, speed in SPECULATIVE: the same p̃
+                out[f"SD {symbol}={v:g}"] = _config({**target, field: v}, "truncation", group, v, v,
+                                                    speed_fields={**spec, field: v})
     return out
 
 
 def speed_configs(plan: FrontierPlan, sampled: bool) -> dict[str, dict]:
-    """The quality configurations plus every rule at its SD end (timed only: its π is p)."""
+    """The quality configurations (with their speed fields) plus every rule at its SD end."""
     extra = _sampled_fields(sampled)
-    ends = {name: {"fields": fields, "rule": fields["deferral_rule"],
-                   "alpha": fields["deferral_threshold"], "sd_end": True}
-            for name, fields in sd_end_cascades(plan.gamma, **extra).items()}
-    return {**configs(plan, sampled), **ends}
+    out = {name: {**c, "fields": c.get("speed_fields", c["fields"])}
+           for name, c in configs(plan, sampled).items()}
+    for name, fields in sd_end_cascades(plan.gamma, **extra).items():
+        rule = fields["deferral_rule"]
+        out[name] = _config(fields, "sd_end", rule, fields["deferral_threshold"], 0.0, rule=rule,
+                            alpha=fields["deferral_threshold"], sd_end=True)
+    return out
 
 
-def seeded(fields: dict, plan: FrontierPlan, task: int) -> dict:
-    return {**fields, "seed": plan.seed + task} if fields.get("temperature") else fields
+def pilot_configs(plan: FrontierPlan) -> dict[str, dict[str, dict]]:
+    """--pilot: TARGET and DRAFT, greedy and sampled, and sampled TARGET with other seeds."""
+    out = {d: {n: c for n, c in configs(plan, d == "sampled").items() if n in ("TARGET", "DRAFT")}
+           for d in ("greedy", "sampled")}
+    out["sampled"]["TARGET reseeded"] = {**out["sampled"]["TARGET"], "seed_offset": RESEED}
+    return out
 
 
-def complete_line(client, prompt: str, cancel: bool = True, **fields) -> dict:
-    """Stream until the predicted line is complete, then cancel the rest of the stream (or, with
-    cancel=False, read it to its end: the metrics only look at the tokens up to the line's end)."""
+def seeded(config: dict, plan: FrontierPlan, task: int) -> dict:
+    fields = config["fields"]
+    return {**fields, "seed": plan.seed + config.get("seed_offset", 0) + task} \
+        if fields.get("temperature") else fields
+
+
+def _answer(task: Task, text: str) -> str:
+    return predicted_line(text) if task.family == "code" else reply_line(text)
+
+
+def complete_line(client, task: Task, cancel: bool = True, **fields) -> dict:
+    """Stream until the task's scored line is complete, then cancel the rest of the stream (or,
+    with cancel=False, read it to its end: the metrics only look at the tokens up to the line's
+    end)."""
     started = time.perf_counter()
     ids, text = [], ""
-    stream = client.generate_stream(prompt, max_new_tokens=LINE_TOKENS, **fields)
+    stream = client.generate_stream(task.prompt, max_new_tokens=MAX_TOKENS[task.family], **fields)
     for message in stream:
         ids.extend(message.token_ids)
         text += message.text
-        if cancel and line_complete(text):
+        if cancel and COMPLETE[task.family](text):
             stream.cancel()
             break
     return {"token_ids": ids, "text": text, "ms": (time.perf_counter() - started) * 1000}
@@ -140,8 +200,8 @@ def quality_pass(client, plan, tasks, table: dict, desc: str) -> dict[str, list[
             ThreadPoolExecutor(max_workers=plan.streams) as pool:
         def one(job):
             name, i = job
-            run = complete_line(client, tasks[i].prompt, plan.stop_at_line_end,
-                                **seeded(table[name]["fields"], plan, i))
+            run = complete_line(client, tasks[i], plan.stop_at_line_end,
+                                **seeded(table[name], plan, i))
             bar.update()
             return run
         runs = list(pool.map(one, jobs))
@@ -163,9 +223,10 @@ def engine_quality_pass(engine, plan, tasks, table: dict, desc: str) -> dict[str
                                 max_seq_len=engine.max_seq_len)
 
     async def one(name: str, i: int) -> dict:
+        task = tasks[i]
         request = to_generation_request(
-            make_request(tasks[i].prompt, max_new_tokens=LINE_TOKENS,
-                         **seeded(table[name]["fields"], plan, i)),
+            make_request(task.prompt, max_new_tokens=MAX_TOKENS[task.family],
+                         **seeded(table[name], plan, i)),
             request_id=f"{name}/{i}", tokenizer=engine.tokenizer, limits=limits)
         started = time.perf_counter()
         ids, text = [], ""
@@ -175,7 +236,7 @@ def engine_quality_pass(engine, plan, tasks, table: dict, desc: str) -> dict[str
             async for delta in stream:
                 ids.extend(delta.token_ids)
                 text += delta.text
-                if plan.stop_at_line_end and line_complete(text):
+                if plan.stop_at_line_end and COMPLETE[task.family](text):
                     break
         finally:
             await stream.aclose()  # releases the KV entries on both sides
@@ -195,15 +256,15 @@ def engine_quality_pass(engine, plan, tasks, table: dict, desc: str) -> dict[str
     return out
 
 
-def service_agreement(engine_runs: dict, service_runs: dict) -> dict:
+def service_agreement(tasks, engine_runs: dict, service_runs: dict) -> dict:
     """How far the service's outputs for the same tasks and seeds match the in-process ones."""
     out = {}
     for name, served in service_runs.items():
         here = engine_runs[name][:len(served)]
         out[name] = {"tasks": len(served),
                      "identical": sum(a["token_ids"] == b["token_ids"] for a, b in zip(here, served)),
-                     "same_line": sum(predicted_line(a["text"]) == predicted_line(b["text"])
-                                      for a, b in zip(here, served))}
+                     "same_line": sum(_answer(t, a["text"]) == _answer(t, b["text"])
+                                      for t, a, b in zip(tasks, here, served))}
     return out
 
 
@@ -215,8 +276,9 @@ def speed_pass(client, plan, tasks, table: dict, desc: str) -> dict[str, dict]:
         for _ in range(plan.speed_rounds):
             for name, config in table.items():
                 for i, task in enumerate(subset):
-                    runs[name].append(stream_one(client, task.prompt, max_new_tokens=LINE_TOKENS,
-                                                 **seeded(config["fields"], plan, i)))
+                    runs[name].append(stream_one(client, task.prompt,
+                                                 max_new_tokens=MAX_TOKENS[task.family],
+                                                 **seeded(config, plan, i)))
                     bar.update()
     return {name: summarize(r) for name, r in runs.items()}
 
@@ -245,30 +307,39 @@ def sequential_runs(engine, plan, tasks) -> tuple[dict, dict]:
     target = engine.verifier.worker.runner.model
     draft = engine.drafter.worker.runner.model
     grid = alphas(DeferralRule.CHOW, plan.alphas_per_rule)
-    speed_prompts = [engine.encode(t.prompt) for t in tasks[:plan.speed_tasks]]
+    subset = tasks[:plan.speed_tasks]
     runs, speed = {}, {}
-    reference = engine_generate(engine, speed_prompts, LINE_TOKENS, mode=Mode.TARGET)
-    speed["TARGET (in process)"] = {"tokens_per_s": reference["tokens_per_s"]}
-    with tqdm(total=len(grid) * (plan.seq_tasks + len(speed_prompts)), desc="sequential cascade",
+    tokens = seconds = 0.0
+    for task in subset:  # per task: each family has its own length
+        r = engine_generate(engine, [engine.encode(task.prompt)], MAX_TOKENS[task.family],
+                            mode=Mode.TARGET)
+        tokens, seconds = tokens + r["tokens"], seconds + r["tokens"] / r["tokens_per_s"]
+    speed["TARGET (in process)"] = {"tokens_per_s": tokens / seconds if seconds else 0.0}
+    with tqdm(total=len(grid) * (plan.seq_tasks + len(subset)), desc="sequential cascade",
               unit="task") as bar:
+        def one(task):
+            bar.update()
+            return sequential_cascade(target, draft, engine.tokenizer, engine.encode(task.prompt),
+                                      alpha=alpha, max_new_tokens=MAX_TOKENS[task.family])
         for alpha in grid:
             name = f"SEQUENTIAL CHOW α={alpha:g}"
-            out = []
-            for task in tasks[:plan.seq_tasks]:
-                r = sequential_cascade(target, draft, engine.tokenizer, engine.encode(task.prompt),
-                                       alpha=alpha, max_new_tokens=LINE_TOKENS)
-                out.append({"token_ids": r["token_ids"], "text": r["text"], "ms": r["total_ms"]})
-                bar.update()
-            runs[name] = out
-            tokens = seconds = 0.0
-            for prompt in speed_prompts:
-                r = sequential_cascade(target, draft, engine.tokenizer, prompt, alpha=alpha,
-                                       max_new_tokens=LINE_TOKENS)
-                tokens, seconds = tokens + len(r["token_ids"]), seconds + r["total_ms"] / 1000
-                bar.update()
-            speed[name] = {"tokens_per_s": tokens / seconds if seconds else 0.0,
-                           "alpha": alpha, "rule": "CHOW"}
+            runs[name] = [{"token_ids": r["token_ids"], "text": r["text"], "ms": r["total_ms"]}
+                          for r in map(one, tasks[:plan.seq_tasks])]
+            timed = [one(task) for task in subset]
+            tokens, seconds = sum(len(r["token_ids"]) for r in timed), sum(r["total_ms"] for r in timed)
+            speed[name] = {"tokens_per_s": tokens / (seconds / 1000) if seconds else 0.0}
     return runs, speed
+
+
+def _metrics(task: Task, text: str) -> dict[str, float]:
+    """The external metrics of one output; NaN where the metric is another family's."""
+    if task.family == "code":
+        pred = predicted_line(text)
+        return {"exact_match": exact_match(pred, task.answers[0]),
+                "edit_similarity": edit_similarity(pred, task.answers[0]),
+                "fact_accuracy": math.nan}
+    return {"exact_match": math.nan, "edit_similarity": math.nan,
+            "fact_accuracy": answer_correct(reply_line(text), task.answers)}
 
 
 def score(engine, tasks, decodings: dict[str, dict[str, list[dict]]]) -> None:
@@ -277,10 +348,8 @@ def score(engine, tasks, decodings: dict[str, dict[str, list[dict]]]) -> None:
     tok = engine.tokenizer
     for runs in (r for table in decodings.values() for r in table.values()):
         for task, run in zip(tasks, runs):
-            pred = predicted_line(run["text"])
-            run["exact_match"] = exact_match(pred, task.answer)
-            run["edit_similarity"] = edit_similarity(pred, task.answer)
-            run["line_ids"] = run["token_ids"][:line_token_count(tok, run["token_ids"])]
+            run.update(_metrics(task, run["text"]))
+            run["line_ids"] = run["token_ids"][:CUT[task.family](tok, run["token_ids"])]
     for i, task in enumerate(tqdm(tasks, desc="target log-likelihood", unit="task")):
         here = [runs[i] for table in decodings.values() for runs in table.values() if i < len(runs)]
         for run, value in zip(here, continuation_log_likelihoods(
@@ -288,109 +357,46 @@ def score(engine, tasks, decodings: dict[str, dict[str, list[dict]]]) -> None:
             run["target_loglik"] = value
 
 
-def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
-    """Names of the points (latency, quality) that no other point beats: none is at least as
-    fast and at least as good, and strictly better in one. Sorted by latency."""
-    def beaten(a):
-        xa, ya = points[a]
-        return any(xb <= xa and yb >= ya and (xb < xa or yb > ya)
-                   for b, (xb, yb) in points.items() if b != a)
-    return sorted((n for n in points if not beaten(n)), key=lambda n: points[n])
-
-
-def analyse(plan, quality: dict, speed: dict) -> dict:
-    """Per decoding: each configuration's means, paired CIs against TARGET, latency relative to
-    TARGET, the metrics whose CI separates DRAFT from TARGET, the Pareto front and the knob."""
-    out = {}
-    for decoding, table in quality.items():
-        ref = table["TARGET"]
-        target_tps = speed[decoding]["TARGET"]["tokens_per_s"]
-        spec_tps = speed[decoding]["SPECULATIVE"]["tokens_per_s"]
-        rows = {}
-        for name, runs in table.items():
-            s = speed[decoding].get(name, {})
-            tps = s.get("tokens_per_s", 0.0)
-            # The sequential cascade runs in process: its latency is against in-process TARGET.
-            base = speed[decoding].get("TARGET (in process)", {}).get("tokens_per_s") \
-                if name.startswith("SEQUENTIAL") else target_tps
-            row = {"tasks": len(runs), "rule": s.get("rule"), "alpha": s.get("alpha"),
-                   "tokens_per_s": tps, "latency_vs_target": base / tps if tps else math.inf,
-                   "speed_vs_speculative": tps / spec_tps if not name.startswith("SEQUENTIAL")
-                   and spec_tps else None,
-                   "quality_ms_mean": statistics.fmean(r["ms"] for r in runs)}
-            for metric in METRICS:
-                values = [r[metric] for r in runs]
-                row[metric] = statistics.fmean(v for v in values if not math.isnan(v))
-                row[f"{metric}_ci"] = paired_bootstrap_ci(values, [r[metric] for r in ref[:len(runs)]])
-            rows[name] = row
-        separating = [m for m in METRICS if rows["DRAFT"][f"{m}_ci"]["hi"] < 0]
-        out[decoding] = {
-            "rows": rows, "separating_metrics": separating,
-            "pareto": {m: pareto_front({n: (r["latency_vs_target"], r[m]) for n, r in rows.items()
-                                        if math.isfinite(r["latency_vs_target"])}) for m in METRICS},
-            "knob": {m: knob(rows, m) for m in separating}}
-    return out
-
-
-def knob(rows: dict, metric: str) -> dict:
-    """Per rule: the most lenient measured α whose relative loss against TARGET, and that of every
-    α between it and the SD end, stays ≤ 1 % at the upper CI bound; None where none does."""
-    out = {}
-    for rule in DeferralRule:
-        measured = sorted((r for r in rows.values() if r["rule"] == rule.name and
-                           r["speed_vs_speculative"] is not None),
-                          key=lambda r: abs(r["alpha"] - SD_END[rule]))
-        best = None
-        for r in measured:
-            if r[f"{metric}_ci"]["rel_loss_hi"] > MAX_LOSS:
-                break
-            best = r
-        out[rule.name] = None if best is None else {
-            "alpha": best["alpha"], "rel_loss_hi": best[f"{metric}_ci"]["rel_loss_hi"],
-            "latency_vs_target": best["latency_vs_target"],
-            "speed_vs_speculative": best["speed_vs_speculative"]}
-    return out
-
-
-def best_cascade(analysis: dict) -> dict | None:
-    """For BENCHMARKS.md's goal: the fastest cascade (speed vs SPECULATIVE) whose relative loss
-    against TARGET is ≤ 1 % at the upper CI bound on some metric whose CI separates DRAFT from
-    TARGET; None if none is."""
-    found = [{"name": name, "metric": m, "speed_vs_speculative": r["speed_vs_speculative"],
-              "rel_loss_hi": r[f"{m}_ci"]["rel_loss_hi"]}
-             for name, r in analysis["rows"].items() for m in analysis["separating_metrics"]
-             if r["rule"] and r["speed_vs_speculative"] is not None
-             and r[f"{m}_ci"]["rel_loss_hi"] <= MAX_LOSS]
-    return max(found, key=lambda f: f["speed_vs_speculative"], default=None)
-
-
-def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPlan | None = None) -> dict:
-    import torch
-
-    from speccascade.client import SpecCascadeClient
+def _engines(plan: FrontierPlan):
+    """(the fp32 engine that scores and runs the sequential cascade, a loader of the batched
+    in-process engine in the replicas' dtype)."""
     from speccascade.engine.engine import Engine
-    from speccascade.serve import launch
 
-    if plan.quality_on not in ("engine", "service"):
-        raise ValueError(f"quality_on must be 'engine' or 'service', got {plan.quality_on!r}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = dict(target_path=plan.target, draft_path=plan.draft) if plan.target and plan.draft else {}
     # KV slots sized to line completion (prompt + line), not the model context: 64 slots of 2048
     # fp32 positions of the 135 M target alone are 6 GB.
     kv = dict(max_live_seqs=8, max_seq_len=FRONTIER_CONTEXT)
     engine = (Engine.from_paths(**paths, dtype="float32", **kv) if paths
               else Engine.default(dtype="float32", **kv))
-    tasks = quality_tasks(engine.tokenizer, plan.tasks)
+
+    def batched():
+        kw = dict(dtype=plan.dtype or "auto", max_live_seqs=max(8, plan.chunk),
+                  max_seq_len=FRONTIER_CONTEXT)
+        return Engine.from_paths(**paths, **kw) if paths else Engine.default(**kw)
+    return engine, batched
+
+
+def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPlan | None = None) -> dict:
+    import torch
+
+    from speccascade.client import SpecCascadeClient
+    from speccascade.serve import launch
+
+    if plan.quality_on not in ("engine", "service"):
+        raise ValueError(f"quality_on must be 'engine' or 'service', got {plan.quality_on!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    engine, batched_engine = _engines(plan)
+    tasks = frontier_tasks(engine.tokenizer, plan.tasks, plan.families)
     tables = {"greedy": configs(plan, False), "sampled": configs(plan, True)}
     speed_tables = {"greedy": speed_configs(plan, False), "sampled": speed_configs(plan, True)}
-    timings: dict[str, float] = {}
     quality, speed, served = {}, {}, {}
     if plan.quality_on == "engine":
         # The replicas' dtype ("auto" as the service resolves it), every core, nothing else running.
         torch.set_num_threads(os.cpu_count() or 1)
-        kw = dict(dtype=plan.dtype or "auto", max_live_seqs=max(8, plan.chunk),
-                  max_seq_len=FRONTIER_CONTEXT)
-        batched = Engine.from_paths(**paths, **kw) if paths else Engine.default(**kw)
+        batched = batched_engine()
+        timings["startup_s"] = time.perf_counter() - started
         started = time.perf_counter()
         for decoding, table in tables.items():
             quality[decoding] = engine_quality_pass(batched, plan, tasks, table,
@@ -398,10 +404,12 @@ def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPla
         timings["quality_s"] = time.perf_counter() - started
         del batched
     torch.set_num_threads(1)  # in-process speed as one replica runs
+    started = time.perf_counter()
     address = launch.start(_service_config(plan))
     try:
         with SpecCascadeClient(address) as client:
             client.generate(tasks[0].prompt, max_new_tokens=4)  # warm up every deployment
+            timings["startup_s"] = timings.get("startup_s", 0.0) + time.perf_counter() - started
             started = time.perf_counter()
             if plan.quality_on == "service":
                 for decoding, table in tables.items():
@@ -411,7 +419,7 @@ def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPla
             else:
                 check = tasks[:plan.service_check_tasks]
                 for decoding, table in tables.items():
-                    served[decoding] = service_agreement(quality[decoding], quality_pass(
+                    served[decoding] = service_agreement(check, quality[decoding], quality_pass(
                         client, plan, check, table, f"service check: {decoding}"))
                 timings["service_check_s"] = time.perf_counter() - started
             started = time.perf_counter()
@@ -428,14 +436,24 @@ def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPla
     started = time.perf_counter()
     score(engine, tasks, quality)
     timings["score_s"] = time.perf_counter() - started
+    meta = {d: {n: {k: c.get(k) for k in ("kind", "group", "value", "distance", "rule", "alpha")}
+                for n, c in t.items()} for d, t in speed_tables.items()}
+    for name in seq_runs:
+        alpha = float(name.split("=")[1])
+        meta["greedy"][name] = {"kind": "sequential", "group": "SEQUENTIAL CHOW", "value": alpha,
+                                "distance": alpha, "rule": "CHOW", "alpha": alpha}
     for decoding, table in speed_tables.items():
         for name, config in table.items():
             speed[decoding][name].update(rule=config.get("rule"), alpha=config.get("alpha"),
                                          sd_end=config.get("sd_end", False))
     results = {"plan": asdict(plan), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "timings_s": timings, "speed": speed, "service_check": served,
-               "configs": {d: {n: c["fields"] for n, c in t.items()} for d, t in speed_tables.items()},
-               "analysis": analyse(plan, quality, speed),
+               "tasks": {"families": list(plan.families), "per_family": plan.tasks,
+                         "facts_kinds": sorted({t.kind for t in tasks if t.family == "facts"})},
+               "timings_s": timings, "speed": speed, "service_check": served, "meta": meta,
+               "configs": {d: {n: {"quality": c["fields"],
+                                   "speed": c.get("speed_fields", c["fields"])}
+                               for n, c in tables[d].items()} for d in tables},
+               "analysis": analyse(quality, speed, meta),
                "outputs": {d: {n: [r["token_ids"] for r in runs] for n, runs in t.items()}
                            for d, t in quality.items()}}
     results["best_cascade"] = {d: best_cascade(a) for d, a in results["analysis"].items()}
@@ -445,30 +463,44 @@ def run_frontier(plan: FrontierPlan, out_dir: Path, *, estimate_for: FrontierPla
     return results
 
 
-def goals(results: dict) -> dict:
-    """Issue 17's goals: name -> (measured, goal, "≥", detail)."""
-    out = {}
-    for decoding in ("greedy", "sampled"):
-        ratio, slowest = slowest_sd_end(results["speed"][decoding], "SPECULATIVE")
-        out[f"{decoding}: slowest cascade at its SD end / SPECULATIVE"] = (ratio, 0.95, "≥", slowest)
-    best = results["best_cascade"]["sampled"]
-    out["sampled: fastest cascade within 1 % of TARGET / SPECULATIVE"] = (
-        best["speed_vs_speculative"] if best else 0.0, 1.25, "≥",
-        f"{best['name']} on {METRICS[best['metric']]}" if best else "none within 1 %")
-    return out
+def run_pilot(plan: FrontierPlan, out_dir: Path, full: FrontierPlan) -> dict:
+    """TARGET against DRAFT, and sampled TARGET against itself with other seeds, in process on
+    plan.tasks tasks per family; per metric, the tasks the full plan needs (frontier_stats)."""
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    engine, batched_engine = _engines(plan)
+    tasks = frontier_tasks(engine.tokenizer, plan.tasks, plan.families)
+    torch.set_num_threads(os.cpu_count() or 1)
+    batched = batched_engine()
+    quality = {d: engine_quality_pass(batched, plan, tasks, t, f"pilot: {d}")
+               for d, t in pilot_configs(plan).items()}
+    del batched
+    torch.set_num_threads(1)
+    score(engine, tasks, quality)
+    results = {"plan": asdict(plan), "full_plan_tasks": full.tasks * len(full.families),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "seconds": time.perf_counter() - started,
+               "sizing": pilot_sizing(quality, full.tasks * len(full.families))}
+    (out_dir / "pilot.json").write_text(json.dumps(results, indent=1, default=str))
+    return results
 
 
 def estimate_seconds(done: FrontierPlan, timings: dict, full: FrontierPlan) -> dict:
-    """The full plan's time from this run's unit costs (per configuration × task)."""
+    """The full plan's time from this run's unit costs: configurations × tasks (quality, service
+    check), × requests (speed), per sequential-cascade task; scoring per task × (8 + configs), a
+    prompt forward costing about as much as 8 outputs; start-up once."""
     def units(p: FrontierPlan) -> dict[str, float]:
         n = sum(len(configs(p, s)) for s in (False, True))
         timed = sum(len(speed_configs(p, s)) for s in (False, True))
+        tasks = p.tasks * len(p.families)
         seq = len(alphas(DeferralRule.CHOW, p.alphas_per_rule))
-        check = n * p.service_check_tasks if p.quality_on == "engine" else 0
-        return {"quality_s": n * p.tasks, "service_check_s": check,
+        check = n * min(p.service_check_tasks, tasks) if p.quality_on == "engine" else 0
+        return {"startup_s": 1, "quality_s": n * tasks, "service_check_s": check,
                 "speed_s": timed * p.speed_tasks * p.speed_rounds,
                 "sequential_s": seq * (p.seq_tasks + p.speed_tasks) + p.speed_tasks,
-                "score_s": p.tasks}
+                "score_s": tasks * (8 + n + seq)}
     have, want = units(done), units(full)
     parts = {k: timings[k] / have[k] * want[k] for k in have if have[k] and k in timings}
     return {**parts, "total_s": sum(parts.values())}
