@@ -205,7 +205,7 @@ def test_pilot_sizing_is_the_closed_form():
     assert tasks_for_half_width(d, -mu) == want  # |μ|: a log-likelihood is negative
     assert relative_half_width(d, mu, want) <= 0.005 < relative_half_width(d, mu, want - 1)
     assert tasks_for_half_width(d, mu, half_width=0.01) == math.ceil((Z95 * s / (0.01 * mu)) ** 2)
-    assert tasks_for_half_width([0.0] * 10, mu) == 1  # no spread: identical outputs
+    assert tasks_for_half_width([0.0] * 10, mu) is None  # no spread: nothing to size from
     assert tasks_for_half_width([0.1], mu) is None and tasks_for_half_width(d, 0.0) is None
 
 

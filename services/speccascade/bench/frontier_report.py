@@ -203,7 +203,9 @@ def pilot_table(pilot: dict) -> list[str]:
                     f"{c['separation_at_plan']:.1f} |")
     return lines + ["", "\"TARGET reseeded\" is a configuration equal to TARGET (sampled); greedy, "
                     "such a configuration repeats TARGET's outputs exactly, and DRAFT's spread bounds "
-                    "the configurations between the two."]
+                    "the configurations between the two. \"–\": nothing to size from (no spread in "
+                    "the pilot, or a TARGET mean of 0). The pilot's s_d is itself an estimate: n "
+                    "scales with s_d², so a 100-task pilot leaves n uncertain by about ±30 %."]
 
 
 def _intro(results: dict) -> str:

@@ -230,11 +230,14 @@ def goals(results: dict) -> dict:
 def tasks_for_half_width(diffs, reference_mean: float, half_width: float = PILOT_HALF_WIDTH,
                          z: float = Z95) -> int | None:
     """n ≥ (z·s_d / (h·|t̄|))²: the tasks for which the relative loss's CI half-width is ≤ h,
-    from a pilot's per-task differences (NaN left out); None where it cannot be sized."""
+    from a pilot's per-task differences (NaN left out). None where it cannot be sized: fewer than
+    two differences, no TARGET mean, or no spread at all (a rare binary metric whose few hits
+    agreed in the pilot says nothing about the spread of a larger set)."""
     d = [x for x in diffs if not math.isnan(x)]
     if len(d) < 2 or not reference_mean or math.isnan(reference_mean):
         return None
-    return max(1, math.ceil((z * statistics.stdev(d) / (half_width * abs(reference_mean))) ** 2))
+    s = statistics.stdev(d)
+    return max(1, math.ceil((z * s / (half_width * abs(reference_mean))) ** 2)) if s > 0 else None
 
 
 def relative_half_width(diffs, reference_mean: float, n: int, z: float = Z95) -> float:
