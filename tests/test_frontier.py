@@ -18,7 +18,7 @@ import torch
 from conftest import free_port
 from speccascade.bench import frontier as fr
 from speccascade.bench.frontier_report import choosing_alpha, fill_readme
-from speccascade.bench.frontier_stats import (MAX_LOSS, Z95, best_cascade, fastest_within, knob,
+from speccascade.bench.frontier_stats import (Z95, best_cascade, fastest_within, knob,
                                               pareto_front, pilot_sizing, relative_half_width,
                                               tasks_for_half_width, versus_baseline)
 from speccascade.bench.peers import target_log_likelihood
