@@ -42,7 +42,7 @@ bench-quick: install
 	$(BIN)/speccascade bench --quick
 
 frontier: install   ## cascade quality–latency frontier: benchmarks/frontier.* (time it first: speccascade bench frontier --estimate-only)
-	$(BIN)/speccascade bench frontier --out benchmarks --markdown benchmarks/frontier.md
+	$(BIN)/speccascade bench frontier --out benchmarks --markdown benchmarks/frontier.md --readme README.md
 	$(BIN)/speccascade bench report   # BENCHMARKS.md with the frontier section
 
 frontier-quick: install

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     build = models_sub.add_parser("build", help="distill the default draft from the target (≈1 h, 1 thread)")
     build.add_argument("--out", default=str(default_pair_paths()[1].parent))
     build.add_argument("--quick", action="store_true")
+    build.add_argument("--threads", type=int, default=1,
+                       help="torch threads (the same machine and count give the same draft)")
+    build.add_argument("--steps", type=int, default=None,
+                       help="training steps (default 300); a resumed build continues on the new schedule")
     build.add_argument("--from-stage", default=None, choices=("generate", "rank", "shape", "draft", "head"),
                        help="redo this stage and the later ones (default: resume unfinished work)")
     build.set_defaults(func=_models_build)
