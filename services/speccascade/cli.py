@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--threads", type=int, default=1,
                        help="torch threads (the same machine and count give the same draft)")
     build.add_argument("--steps", type=int, default=None,
-                       help="training steps (default 300); a resumed build continues on the new schedule")
+                       help="training steps (default 600); a resumed build continues on the new schedule")
     build.add_argument("--from-stage", default=None, choices=("generate", "rank", "shape", "draft", "head"),
                        help="redo this stage and the later ones (default: resume unfinished work)")
     build.set_defaults(func=_models_build)

@@ -59,7 +59,7 @@ class BuildConfig:
     train_head_size: int = 16384     # the head trained on (the served one is a prefix of it)
     head_eval_prompts: int = 16      # held-out prompts per kind for the head stage
     head_eval_tokens: int = 64
-    steps: int = 300
+    steps: int = 600
     batch: int = 12
     lr: float = 1e-3
     warmup_steps: int = 20
