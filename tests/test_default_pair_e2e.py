@@ -28,10 +28,10 @@ def config():
     replica = {"ray_actor_options": {"num_cpus": 0.25}}
     return ServiceConfig.load({
         "target": {"dtype": "float32"}, "draft": {"dtype": "float32"},
-        "grpc_port": free_port(), "http_port": free_port(), "max_live_seqs": 4,
-        "drafter": {**replica, "max_ongoing_requests": 8},
-        "verifier": {**replica, "max_ongoing_requests": 8},
-        "router": {"ray_actor_options": {"num_cpus": 0.25}}})
+        "grpc_port": free_port(), "http_port": free_port(),
+        "kv_cache_tokens": 4 * 2048,  # four slots of the default context, not 64
+        "drafter": replica, "verifier": replica,
+        "router": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 512}})
 
 
 @pytest.fixture(scope="module")
