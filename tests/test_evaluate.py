@@ -58,7 +58,7 @@ def test_evaluate_runs_end_to_end_on_the_tiny_pair(tiny_pair):
         assert 0 <= card[f"{name}_line_exact_match"] <= 1
         assert 0 <= card[f"{name}_line_edit_similarity"] <= 1
         assert card[f"{name}_loss"] > 0 and card[f"{name}_step_ms"] > 0
-    assert card["loss_gap_nats"] == card["draft_loss"] - card["target_loss"]
+    assert card["loss_gap_nats"] == card["draft_loss"] - card["target_loss"]  # a full head
     assert card["cost_ratio_c"] == card["draft_step_ms"] / card["target_step_ms"]
     assert 1 <= card["mean_accepted_length"] <= 5 and 0 <= card["greedy_acceptance_gamma4"] <= 1
     assert 1 <= card["sampled_mean_accepted_length"] <= 5

@@ -74,6 +74,13 @@ def test_a_draft_with_a_ranking_loads_cut_and_speculates_exactly(tiny_pair, tmp_
     x = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(model(x).logits[..., model.lm_head.token_ids],
                                full(x).logits[..., model.lm_head.token_ids])
+    # The card reports a cut head's coverage of held-out tokens, not an unbounded cross-entropy.
+    from speccascade.models.evaluate import draft_loss_fields
+    from speccascade.models.loader import load_tokenizer
+
+    fields = draft_loss_fields(model, load_tokenizer(cut), max_tokens=2000)
+    assert "draft_loss" not in fields and fields["draft_head_size"] == vocab // 3
+    assert 0 < fields["draft_head_held_out_coverage"] < 1
     engine = Engine.from_paths(target_dir, cut, dtype="float64")
     prompts = ["def f1(x):", "x = 3 *", "def f17(x):\n    return"]
     for i, prompt in enumerate(prompts):

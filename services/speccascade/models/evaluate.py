@@ -112,6 +112,30 @@ def held_out_loss(model, tokenizer, max_tokens: int = 60_000, window: int = 256)
 
 
 @torch.inference_mode()
+def draft_loss_fields(draft, tokenizer, max_tokens: int = 20_000) -> dict:
+    """The draft's held-out loss, when it has a full head. A reduced-vocabulary head
+    (models.vocab_head) gives q = 0 to every other token, so its cross-entropy is unbounded and
+    says nothing: report instead the share of held-out next tokens its head can propose."""
+    from speccascade.models.vocab_head import ReducedVocabHead
+
+    head = draft.get_output_embeddings()
+    if not isinstance(head, ReducedVocabHead):
+        return {"draft_loss": held_out_loss(draft, tokenizer, max_tokens=max_tokens)}
+    _, held_out = split_files()
+    kept = torch.zeros(head.vocab_size, dtype=torch.bool)
+    kept[head.token_ids.cpu()] = True
+    inside = count = 0
+    for path in held_out:
+        ids = torch.tensor(_ids(tokenizer, read_text(path))[1:], dtype=torch.long)
+        inside += kept[ids].sum().item()
+        count += len(ids)
+        if count >= max_tokens:
+            break
+    return {"draft_head_size": len(head.token_ids),
+            "draft_head_held_out_coverage": inside / max(count, 1)}
+
+
+@torch.inference_mode()
 def agreement(target, draft, tokenizer, max_tokens: int = 20_000) -> tuple[float, float]:
     """On held-out text, teacher-forced: (α_acc = E[Σ_v min(p(v), q(v))] at temperature 1,
     greedy agreement = P(argmax q = argmax p))."""
@@ -288,7 +312,7 @@ def evaluate(target_dir, draft_dir, *, tasks: int = 200, prompts: int = 32, thre
                                                      for kind in kinds)
         card["mean_accepted_length"] = card["greedy_mean_accepted_length"]
         card["target_loss"] = held_out_loss(target, tok, max_tokens=20_000)
-        card["draft_loss"] = held_out_loss(draft, tok, max_tokens=20_000)
+        card.update(draft_loss_fields(draft, tok))
         bar.update()
         line_tasks = line_completion_tasks(tok, tasks)
         answers = [t.answer for t in line_tasks]
@@ -309,7 +333,8 @@ def evaluate(target_dir, draft_dir, *, tasks: int = 200, prompts: int = 32, thre
             ci = paired_bootstrap_ci(values["target"], values["draft"])
             card[f"line_{metric}_target_minus_draft"] = [ci["diff"], ci["lo"], ci["hi"]]
         bar.update()
-    card["loss_gap_nats"] = card["draft_loss"] - card["target_loss"]
+    if "draft_loss" in card:
+        card["loss_gap_nats"] = card["draft_loss"] - card["target_loss"]
     return card
 
 
