@@ -58,7 +58,7 @@ gpu-check: install  ## runner + service checks with device $(DEVICE), $(DTYPE); 
 	  PYTHONPATH=services $(BIN)/python benchmarks/gpu_check.py --device $(DEVICE) --dtype $(DTYPE) \
 	    --out benchmarks/gpu_check-$(DEVICE).md'
 
-models: install     ## distill the default draft from the target (about an hour, one thread)
+models: install     ## distill the default draft from the target (resumable; about 70 min here at two threads, of which 35 generating)
 	$(BIN)/speccascade models build
 
 models-eval: install
