@@ -59,7 +59,7 @@ gpu-check: install  ## runner + service checks with device $(DEVICE), $(DTYPE); 
 	    --out benchmarks/gpu_check-$(DEVICE).md'
 
 models: install     ## distill the default draft from the target (resumable; about 70 min here at two threads, of which 35 generating)
-	$(BIN)/speccascade models build
+	$(BIN)/speccascade models build --threads 2
 
 models-eval: install
 	$(BIN)/speccascade models eval --tasks 200 --out services/speccascade/assets/default_pair/card.json
