@@ -67,7 +67,9 @@ RESEED = 1_000_003  # the pilot's "TARGET reseeded": task i samples with seed + 
 
 @dataclass(frozen=True)
 class FrontierPlan:
-    tasks: int = 400              # per family (bench/workload.py), interleaved
+    # Sized to about 75 min on a 2-core CPU host with the real pair (README, "Quality–latency
+    # frontier"); the pilot (--pilot) says what a given CI half-width needs.
+    tasks: int = 60               # per family (bench/workload.py), interleaved
     families: tuple[str, ...] = FAMILIES
     alphas_per_rule: int = 3      # α values strictly between the SD end and the draft end
     lenience: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3)    # lossy SD, sampled only
@@ -77,9 +79,9 @@ class FrontierPlan:
     chunk: int = 200              # in-process tasks started together (their prefills batch)
     service_check_tasks: int = 16  # quality_on "engine": these first tasks also via the service
     streams: int = 8              # concurrent quality streams through the service
-    speed_tasks: int = 12         # single-stream speed subset (the first tasks: both families)
+    speed_tasks: int = 6          # single-stream speed subset (the first tasks: both families)
     speed_rounds: int = 2
-    seq_tasks: int = 60           # the in-process sequential cascade (one token per Python step)
+    seq_tasks: int = 30           # the in-process sequential cascade (one token per Python step)
     gamma: int = 4
     seed: int = 1234              # task i of a sampled run has seed + i
     stop_at_line_end: bool = True  # cancel each stream once its line is complete (same metrics)
