@@ -119,6 +119,11 @@ class ModelRunner:
         entry.last_used = time.monotonic()
         return entry
 
+    def idle_seconds(self) -> dict[str, float]:
+        """seq_id -> seconds since its last forward, for every live sequence (session leases)."""
+        now = time.monotonic()
+        return {seq_id: now - e.last_used for seq_id, e in self._entries.items()}
+
     def evict_idle(self) -> None:
         """Drop entries unused for idle_evict_s: callers that vanished without a release."""
         cutoff = time.monotonic() - self.idle_evict_s

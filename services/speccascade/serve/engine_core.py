@@ -49,7 +49,6 @@ class EngineCore:
         self.batch_wait_ms = batch_wait_timeout_s * 1000
         self.evict_every_s = idle_evict_s / 2
         self.parent_pid = parent_pid
-        self.last_call: dict[str, float] = {}     # seq_id -> when it last called (session idle)
         self.forwards = self.forward_calls = 0
         self._pending: list[tuple[bytes, wire.Call, float]] = []
         self._next_evict = time.monotonic() + self.evict_every_s
@@ -117,8 +116,6 @@ class EngineCore:
                 self._reply(identity, wire.Reply(call.id, error="PermissionError",
                                                  message="bad session token"))
                 continue
-            if call.kind in ("draft", "verify"):
-                self.last_call[call.seq_id] = time.monotonic()
             self._pending.append((identity, call, received))
 
     def _authorized(self, call: wire.Call) -> bool:
@@ -133,7 +130,6 @@ class EngineCore:
         try:
             if call.kind == "release":
                 self.worker.release(call.seq_id)
-                self.last_call.pop(call.seq_id, None)
                 info = {}
             elif call.kind == "ping":
                 info = {"pid": os.getpid(), "addresses": self.addresses}
@@ -166,9 +162,6 @@ class EngineCore:
             os._exit(0)
         if time.monotonic() >= self._next_evict:
             self.worker.runner.evict_idle()
-            live = set(self.worker.runner._entries)
-            cutoff = time.monotonic() - self.worker.runner.idle_evict_s
-            self.last_call = {s: t for s, t in self.last_call.items() if s in live or t > cutoff}
             self._next_evict = time.monotonic() + self.evict_every_s
 
     def stats(self) -> dict:
@@ -182,7 +175,7 @@ class EngineCore:
                 "kv_cache_bytes": runner.cache.bytes, "max_live_seqs": runner.max_live_seqs,
                 "dtype": str(runner.model.dtype).removeprefix("torch."),
                 "dtype_choice": getattr(runner.model, "dtype_choice", ""),
-                "idle_s": {s: time.monotonic() - t for s, t in self.last_call.items()}}
+                "idle_s": runner.idle_seconds()}
 
 
 def _error_reply(call_id: int, error: BaseException) -> wire.Reply:
