@@ -20,7 +20,7 @@ from speccascade.engine.workers import DraftWorker
 from speccascade.models.loader import load_model
 from speccascade.sampling import CascadeParams, DeferralRule, ParamError, SamplingParams
 from speccascade.serve import wire
-from speccascade.serve.engine_client import EngineClient
+from speccascade.serve.engine_client import EngineCallError, EngineClient
 from speccascade.serve.engine_core import EngineCore
 
 SECRET = b"s" * 32
@@ -150,6 +150,31 @@ def test_release_frees_kv_and_errors_are_answered_not_raised(engine):
             client.close()
 
     asyncio.run(main())
+
+
+def test_a_release_queued_after_a_call_aborts_it_and_leaks_nothing(engine):
+    """A cancelled request sends its release right behind a draft call still in the queue: the
+    release is answered before the forward, so the call must not run after it and re-create the
+    KV entry (that leaked a slot per cancelled stream until idle eviction)."""
+    async def main():
+        client = EngineClient(engine.addresses["ipc"])
+        token = wire.session_token(SECRET, "a")
+        draft = asyncio.ensure_future(client.call("draft", "a", token, draft=_draft("a")))
+        release = asyncio.ensure_future(client.call("release", "a", token))
+        other = asyncio.ensure_future(client.call("draft", "b", wire.session_token(SECRET, "b"),
+                                                  draft=_draft("b")))
+        await asyncio.sleep(0.2)  # all three are in ZMQ's queue before the loop starts
+        engine.start()
+        try:
+            await release
+            with pytest.raises(EngineCallError, match="released"):
+                await draft
+            assert len((await other).draft.tokens) == 3  # another sequence's call still runs
+        finally:
+            client.close()
+
+    asyncio.run(main())
+    assert engine.worker.live_sequences() == 1 and engine.forward_calls == 1  # only "b"
 
 
 def test_engine_dies_with_its_replica(tiny_pair, tmp_path):

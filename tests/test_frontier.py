@@ -291,7 +291,7 @@ def test_the_estimate_scales_with_the_added_configurations():
     est = fr.estimate_seconds(sample, timings, full)
     n_full = sum(len(fr.configs(full, s)) for s in (False, True))
     n_sample = sum(len(fr.configs(sample, s)) for s in (False, True))
-    assert n_full == 2 * 21 + 10 and n_sample == 2 * 9 + 3
+    assert n_full == 2 * (3 + 6 * full.alphas_per_rule) + 10 and n_sample == 2 * 9 + 3
     assert est["startup_s"] == 30.0
     assert est["quality_s"] == pytest.approx(100 * (n_full * 2 * full.tasks) / (n_sample * 2 * sample.tasks))
     assert est["total_s"] == pytest.approx(sum(v for k, v in est.items() if k != "total_s"))

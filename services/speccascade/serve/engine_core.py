@@ -10,7 +10,8 @@ each step boundary:
 
     1. wait for a message, blocking while idle (never spin: 2 cores)
     2. drain every message already buffered (and, with batch_wait_timeout_s, wait that long for more)
-    3. answer control calls (ping, stats, release) in arrival order
+    3. answer control calls (ping, stats, release) in arrival order; a model call queued before
+       its sequence's release is aborted (vLLM's abort), not run after it
     4. run one batched forward over the draft/verify calls (one item per sequence per forward,
        a failing batch retried one by one: serve.batching.isolated), answer each caller
     5. housekeeping: evict idle KV entries, exit if the parent replica is gone
@@ -74,9 +75,13 @@ class EngineCore:
             if self.batch_wait_ms and self._pending and self.socket.poll(self.batch_wait_ms):
                 self._drain()
             model_calls, waiting = [], []
-            for item in self._pending:                              # 3.
+            aborted = self._aborted()
+            for k, item in enumerate(self._pending):                # 3.
                 if item[1].kind != self.model_kind:
                     self._control(*item)
+                elif k in aborted:
+                    self._reply(item[0], wire.Reply(item[1].id, error="Aborted",
+                                                    message="the sequence was released"))
                 elif len(model_calls) < self.max_batch_size:
                     model_calls.append(item)
                 else:
@@ -86,6 +91,19 @@ class EngineCore:
                 self._forward(model_calls)                          # 4.
             self._housekeeping()                                    # 5.
         self.socket.close(linger=0)
+
+    def _aborted(self) -> set[int]:
+        """Positions in the queue of model calls whose sequence a later release in the queue
+        frees: its caller gave them up (a cancelled request). Control calls are answered before
+        the forward, so running them would re-create the KV entry the release just freed."""
+        released, aborted = set(), set()
+        for k in range(len(self._pending) - 1, -1, -1):
+            call = self._pending[k][1]
+            if call.kind == "release":
+                released.add(call.seq_id)
+            elif call.kind == self.model_kind and call.seq_id in released:
+                aborted.add(k)
+        return aborted
 
     def stop(self) -> None:
         """End `run` at its next wake-up (any message, or the idle poll) and close the socket."""
