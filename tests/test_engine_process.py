@@ -177,6 +177,35 @@ def test_a_release_queued_after_a_call_aborts_it_and_leaks_nothing(engine):
     assert engine.worker.live_sequences() == 1 and engine.forward_calls == 1  # only "b"
 
 
+def test_a_cancelled_round_gives_up_its_engine_call(engine):
+    """The router's Session.call waits on the engine call and the session's end; cancelling the
+    request must cancel the engine call too, not leave it running unowned (its late reply then
+    raised in an orphan task, and before the release-abort it re-created the KV entry)."""
+    from types import SimpleNamespace
+
+    from speccascade.serve.remote import Session
+
+    async def main():
+        client = EngineClient(engine.addresses["ipc"])
+        session = Session.__new__(Session)  # the data path only: no Serve stream here
+        session.client, session.seq_id = client, "a"
+        session.info = SimpleNamespace(token=wire.session_token(SECRET, "a"), replica="r")
+        session.ended = asyncio.get_running_loop().create_future()
+        try:
+            round_ = asyncio.ensure_future(session.call("draft", draft=_draft("a")))
+            while not client._waiting:  # the call is on the socket (the engine is not running)
+                await asyncio.sleep(0.01)
+            round_.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await round_
+            await asyncio.sleep(0)  # the engine call's own cancellation runs
+            assert not client._waiting
+        finally:
+            client.close()
+
+    asyncio.run(main())
+
+
 def test_engine_dies_with_its_replica(tiny_pair, tmp_path):
     """A replica process that is killed outright (no cleanup runs) takes its engine with it."""
     target, draft = tiny_pair

@@ -57,7 +57,11 @@ class Session:
     async def call(self, kind: str, **payload) -> wire.Reply:
         call = asyncio.ensure_future(self.client.call(kind, self.seq_id, self.info.token,
                                                       **payload))
-        done, _ = await asyncio.wait({call, self.ended}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({call, self.ended}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the request was cancelled: give up the call with it
+            call.cancel()
+            raise
         if call in done:
             return call.result()
         call.cancel()
