@@ -69,6 +69,8 @@ def engine(tiny_pair, tmp_path):
     if thread.is_alive():
         asyncio.run(_ping(core))  # wakes the loop, which then ends
         thread.join(10)
+    elif thread.ident is None:  # never started: close the socket `run` closes at its end (an
+        core.socket.close(linger=0)  # open socket makes the context's GC block in term())
 
 
 async def _ping(core):
