@@ -289,7 +289,7 @@ def _separation(results: dict) -> list[str]:
     for decoding, a in results["analysis"].items():
         t, d, s = a["rows"]["TARGET"], a["rows"]["DRAFT"], a["rows"]["SPECULATIVE"]
         for metric, label in METRICS.items():
-            if math.isnan(t.get(metric, math.nan)):  # a run from before this metric
+            if math.isnan(t[metric]):
                 continue
             lines.append(
                 f"| {decoding} | {label} | {'yes' if metric in EXTERNAL else 'no'} | "
